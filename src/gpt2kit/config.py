@@ -1,0 +1,163 @@
+"""Configuration dataclasses: the model's shape and the generation options.
+
+This module imports nothing heavy (no torch) so the CLI can build its flags from these fields and
+print `--help` at once. Each field's `help` metadata is the one place its meaning and default are
+documented; the CLI, the Python API and the server all read it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT-2 architecture's shape (Radford et al. 2019), named as Hugging Face's config.json."""
+
+    vocab_size: int = 50257  # tokens in the vocabulary (the LM head's rows)
+    n_positions: int = 1024  # context window: learned position embeddings
+    n_embd: int = 768  # width of the residual stream, C
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block, nh; head size hs = C // nh
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # embedding, attention and residual dropout (used only in training)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionError(name, f"must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise OptionError("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise OptionError("size", f"must be one of {', '.join(PRESETS)}; got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The released GPT-2 family (and two small shapes for training from scratch and for tests).
+PRESETS: dict[str, dict] = {
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, n_positions=512),
+}
+
+DEFAULT_MAX_NEW_TOKENS = 200
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue a prompt. The same names and defaults serve the API, CLI and server."""
+
+    max_new_tokens: int | None = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={
+        "help": f"tokens to generate after the prompt (default {DEFAULT_MAX_NEW_TOKENS}); "
+        "ignored when max_length is set"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "total length, prompt included, as in the transformers pipeline (default: unset)"})
+    min_new_tokens: int = field(default=0, metadata={
+        "help": "suppress <|endoftext|> until this many tokens were generated (default 0)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature; 0 means greedy (always the most likely token) (default 1.0)"})
+    top_k: int = field(default=50, metadata={
+        "help": "sample only from the k most likely tokens; 0 disables (default 50)"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "nucleus sampling: the smallest set of tokens whose probability reaches p, "
+        "in (0, 1]; 1 disables (default 1.0)"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens less likely than min_p times the top token's probability, "
+        "in [0, 1]; 0 disables (default 0.0)"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "divide positive logits (multiply negative ones) of tokens already present by "
+        "this, as in CTRL; 1 disables (default 1.0)"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this from the logits of tokens already generated, in [-2, 2] (default 0)"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this times the count of each generated token, in [-2, 2] (default 0)"})
+    n: int = field(default=1, metadata={"help": "samples per prompt (default 1)"})
+    seed: int | None = field(default=None, metadata={
+        "help": "random seed; the same prompt, seed and options give the same text "
+        "(default: a fresh random seed)"})
+    stop: tuple[str, ...] = field(default=(), metadata={
+        "help": "strings that end the text (not included in it); may be repeated"})
+    stop_at_eos: bool = field(default=True, metadata={
+        "help": "stop at <|endoftext|> (default true)"})
+    logprobs: int | None = field(default=None, metadata={
+        "help": "also return the log-probability of each chosen token and of the top N "
+        "alternatives, N in [0, 20] (default: off)"})
+
+    def __post_init__(self):
+        if self.max_new_tokens is not None and _integer("max_new_tokens", self.max_new_tokens) < 1:
+            raise OptionError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        if self.max_length is not None and _integer("max_length", self.max_length) < 1:
+            raise OptionError("max_length", f"must be at least 1, got {self.max_length}")
+        if self.max_new_tokens is None and self.max_length is None:
+            raise OptionError("max_new_tokens", "or max_length must be set")
+        if _integer("min_new_tokens", self.min_new_tokens) < 0:
+            raise OptionError("min_new_tokens", f"must be at least 0, got {self.min_new_tokens}")
+        if _finite("temperature", self.temperature) < 0:
+            raise OptionError("temperature", f"must be at least 0, got {self.temperature}")
+        if _integer("top_k", self.top_k) < 0:
+            raise OptionError("top_k", f"must be at least 0 (0 disables it), got {self.top_k}")
+        if not 0 < _finite("top_p", self.top_p) <= 1:
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= _finite("min_p", self.min_p) <= 1:
+            raise OptionError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if _finite("repetition_penalty", self.repetition_penalty) <= 0:
+            raise OptionError("repetition_penalty", f"must be greater than 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= _finite(name, getattr(self, name)) <= 2:
+                raise OptionError(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if _integer("n", self.n) < 1:
+            raise OptionError("n", f"must be at least 1, got {self.n}")
+        if self.seed is not None and not 0 <= _integer("seed", self.seed) < 2**63:
+            raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise OptionError("stop", f"strings must be non-empty text, got {s!r}")
+        if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= 20:
+            raise OptionError("logprobs", f"must be in [0, 20], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def new_tokens_for(self, prompt_len: int) -> int:
+        """How many tokens to generate after a prompt of `prompt_len` tokens (at least 1)."""
+        if self.max_length is not None:
+            return max(1, self.max_length - prompt_len)
+        return self.max_new_tokens
+
+
+def option_fields(cls) -> list:
+    """The dataclass fields the CLI turns into flags (those with help text)."""
+    return [f for f in fields(cls) if "help" in f.metadata]

@@ -1,0 +1,57 @@
+"""Every device and dtype decision in one place, so the CPU and CUDA paths cannot drift apart.
+
+"auto" means: CUDA when present, else CPU; bfloat16 on a CUDA device that supports it (float16 on
+older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it would only be slower).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DeviceError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for `name` ("auto", "cpu", "cuda" or "cuda:N"), checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was requested but no CUDA GPU is available here; "
+                              "use --device cpu (or auto)")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise DeviceError(f"--device {name!r} is not a valid device; use cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        return device
+    raise DeviceError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The parameter dtype for `name` ("auto", "float32", "bfloat16", "float16") on `device`."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise DeviceError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    if device.type == "cpu" and DTYPES[name] == torch.float16:
+        raise DeviceError("--dtype float16 is not supported on CPU (too slow and inaccurate there); "
+                          "use float32 or bfloat16")
+    return DTYPES[name]
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A private random stream: sampling never touches (or depends on) the global RNG."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
