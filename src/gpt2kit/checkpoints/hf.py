@@ -1,0 +1,286 @@
+"""The Hugging Face layout: config.json + model.safetensors (or pytorch_model.bin, or shards).
+
+Our parameter names are Hugging Face's (`transformer.h.{i}.attn.c_attn.weight`, ...), so import and
+export are the same keys plus a transpose of the four Conv1D weights, which Hugging Face stores
+as (in, out) while our nn.Linear holds (out, in). The original openai-community/gpt2 file has no
+`transformer.` prefix; save_pretrained output has it; both load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import PRESETS, ModelConfig
+from ..errors import CheckpointError, OptionError
+from ..model import GPT
+from .weights import (TORCH_SUFFIXES, describe_dtypes, find_weights, iter_tensors, read_json,
+                      read_shapes, weight_files)
+
+# Hugging Face's Conv1D keeps these weights as (in, out): transposed on import and on export.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers that older transformers versions saved with the weights: not parameters.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+LAYER = re.compile(r"transformer\.h\.(\d+)\.")
+TIED = "lm_head.weight"  # tied to transformer.wte.weight: optional on import, omitted on export
+
+# config.json options that change the architecture, with the value GPT-2 itself uses.
+FIXED_OPTIONS = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "scale_attn_weights": True,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation our MLP uses
+EOT = 50256  # <|endoftext|>, GPT-2's bos and eos token
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+def read_config(path: Path) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json, refusing anything that is not plain GPT-2."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is truncated or corrupt (expected a JSON object)")
+    model_type = raw.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(f"{path} describes a {model_type!r} model; gpt2kit loads only GPT-2 "
+                              "checkpoints (model_type \"gpt2\")")
+    for option, gpt2_value in FIXED_OPTIONS.items():
+        if option in raw and raw[option] != gpt2_value:
+            raise CheckpointError(f"{path} sets {option}={json.dumps(raw[option])}, a GPT-2 variant "
+                                  f"gpt2kit does not implement (it needs {json.dumps(gpt2_value)})")
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        raise CheckpointError(f"{path} sets activation_function={activation!r}; gpt2kit implements "
+                              f"only {' / '.join(ACTIVATIONS)} (the tanh GELU of GPT-2)")
+    try:
+        cfg = ModelConfig(
+            vocab_size=raw.get("vocab_size", ModelConfig.vocab_size),
+            n_positions=raw.get("n_positions", raw.get("n_ctx", ModelConfig.n_positions)),
+            n_embd=raw.get("n_embd", ModelConfig.n_embd),
+            n_layer=raw.get("n_layer", ModelConfig.n_layer),
+            n_head=raw.get("n_head", ModelConfig.n_head),
+            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", ModelConfig.layer_norm_epsilon)),
+            dropout=float(raw.get("resid_pdrop", 0.1)),  # transformers' default when absent
+        )
+    except (OptionError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if raw.get("n_inner") not in (None, 4 * cfg.n_embd):
+        raise CheckpointError(f"{path} sets n_inner={raw['n_inner']}; gpt2kit's MLP is 4 * n_embd wide")
+    return cfg
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
+    """The shape of a lone weights file without config.json, from its tensors' shapes.
+
+    The head count is not visible in the weights; it is taken from the released sizes (PRESETS)
+    when the width names exactly one of them.
+    """
+    ours = {key: shape for name, shape in shapes.items() if (key := our_key(name))}
+    wte, wpe = ours.get("transformer.wte.weight", ()), ours.get("transformer.wpe.weight", ())
+    n_layer = max((int(m[1]) + 1 for k in ours if (m := LAYER.match(k))), default=0)
+    if len(wte) != 2 or len(wpe) != 2 or n_layer == 0:
+        raise CheckpointError(f"{path} has no GPT-2 embeddings (wte, wpe) or blocks (h.0, ...); "
+                              "is it a GPT-2 checkpoint?")
+    (vocab_size, n_embd), n_positions = wte, wpe[0]
+    heads = {p["n_head"] for p in PRESETS.values() if p["n_embd"] == n_embd}
+    if len(heads) != 1:
+        raise CheckpointError(f"cannot tell the number of attention heads of {path} from its weights "
+                              f"(n_embd={n_embd} is not a released GPT-2 width); put the model's "
+                              "config.json beside it")
+    return ModelConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                       n_layer=n_layer, n_head=heads.pop(), dropout=0.0)
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for `cfg`, as transformers' GPT2Config writes it."""
+    eot = _eot(cfg)
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon, "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "bos_token_id": eot, "eos_token_id": eot,
+        "tie_word_embeddings": True, "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _eot(cfg: ModelConfig) -> int | None:
+    """<|endoftext|>, unless the vocabulary is too small to hold it (a custom tokenizer)."""
+    return EOT if cfg.vocab_size > EOT else None
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+def our_key(name: str) -> str | None:
+    """Our parameter name for a checkpoint key, or None for a mask buffer to skip."""
+    if name.endswith(MASK_BUFFERS):
+        return None
+    return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+
+
+def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[GPT, Path, str]:
+    """A model folder or a single weights file -> (model in eval mode, weights file read, stored dtype)."""
+    if path.is_dir():
+        weights = find_weights(path)
+    elif path.name.endswith(".index.json") or path.suffix in (".safetensors", *TORCH_SUFFIXES):
+        weights = path
+    else:
+        raise CheckpointError(f"{path} is not a weights file gpt2kit can read: expected a model "
+                              "folder, a .safetensors or a .bin file")
+    files = weight_files(weights)
+    config_path = weights.parent / "config.json"
+    if config_path.is_file():
+        cfg = read_config(config_path)
+    else:  # a lone weights file: its shape from its tensors
+        cfg = infer_config(read_shapes(files), weights)
+    model, stored = build_model(cfg, files, device, dtype)
+    return model, weights, stored
+
+
+def build_model(cfg: ModelConfig, files: list[Path], device: torch.device,
+                dtype: torch.dtype) -> tuple[GPT, str]:
+    """GPT(cfg) holding the tensors of `files`, checked key by key and shape by shape.
+
+    The model is built on the meta device (no memory, no random init) and each tensor is
+    converted to its final dtype and device as it is read, then assigned: the weights are never
+    held twice.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    stored: set[torch.dtype] = set()
+    for name, tensor in iter_tensors(files):
+        key = our_key(name)
+        if key is None:
+            continue
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        want = expected[key][::-1] if key.endswith(CONV1D) else expected[key]  # in the file's layout
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"{name} in {files[0].parent} has shape {tuple(tensor.shape)} but "
+                                  f"this GPT-2 ({cfg.n_layer} layers, n_embd={cfg.n_embd}, "
+                                  f"vocab {cfg.vocab_size}) needs {want}")
+        stored.add(tensor.dtype)
+        if key == TIED:
+            continue  # the head is the embedding (tied), as in the released models
+        if key.endswith(CONV1D):
+            tensor = tensor.t()
+        state[key] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(state) - {TIED})
+    if missing or unexpected:
+        raise CheckpointError(f"the weights in {files[0].parent} do not match GPT-2 "
+                              f"({cfg.n_layer} layers): missing {_listing(missing)}; "
+                              f"unexpected {_listing(unexpected)}")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    assert result.missing_keys == [TIED] and not result.unexpected_keys, result
+    model.tie_weights()
+    return model.eval(), describe_dtypes(stored)
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face names and layouts, on the CPU, contiguous, head omitted."""
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == TIED:
+            continue  # shares wte's storage, which safetensors refuses to write twice
+        tensor = tensor.detach()
+        state[key] = (tensor.t() if key.endswith(CONV1D) else tensor).contiguous().cpu()
+    return state
+
+
+# ---- export --------------------------------------------------------------------------------
+
+def save_hf(model: GPT, folder: str | Path, *, tokenizer=None,
+            generation_config: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face folder (config.json, model.safetensors,
+    generation_config.json, and the tokenizer's files when `tokenizer` is given) that
+    transformers' GPT2LMHeadModel.from_pretrained loads.
+
+    Atomic: everything is written into a hidden folder beside `folder` and renamed into place at
+    the end, so an interrupted save leaves either the previous folder or none, never half of one.
+    """
+    final = Path(folder).expanduser().absolute()
+    _check_replaceable(final)
+    tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    dtype = next(model.parameters()).dtype
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        _write_json(tmp / "config.json", hf_config(model.config, dtype))
+        save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "generation_config.json",
+                    {"bos_token_id": _eot(model.config), "eos_token_id": _eot(model.config),
+                     **(generation_config or {})})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _fsync_tree(tmp)
+        _move_into_place(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save the model to {final}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check_replaceable(final: Path) -> None:
+    if final.exists() and not final.is_dir():
+        raise CheckpointError(f"cannot save the model to {final}: it is a file")
+    if final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file():
+        raise CheckpointError(f"cannot save the model to {final}: the folder holds other files and "
+                              "no config.json; choose a new or empty folder")
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing model folder is moved aside first, then deleted."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder`, and the folder itself, to disk before a rename publishes it."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
