@@ -1,0 +1,110 @@
+"""Turning next-token logits into a choice: a fixed chain of small pure functions.
+
+Order (as in Hugging Face's logits processors): repetition penalty, presence/frequency penalties,
+temperature, top-k, top-p, min-p; then `sample` draws (or `greedy` takes the argmax). Each step takes logits (B, V) and returns a
+new tensor (never edits its input); filtered-out tokens get -inf. Only `sample` uses randomness,
+and only through the per-row `torch.Generator`s it is given, so a row's draws do not depend on what
+else is in the batch. Temperature 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import GenerationConfig
+
+NEG_INF = float("-inf")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): for tokens already in the text (`seen`, bool (B, V)),
+    divide positive logits by `penalty` and multiply negative ones by it."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over generated tokens: `counts` (B, V) is how often each was generated."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError("temperature 0 is greedy decoding: take the argmax instead of sampling")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits per row (ties beyond k are dropped); k = 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, NEG_INF).scatter(-1, indices, values)
+
+
+def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probabilities sum to at least p. The most likely token is always kept."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass above each token
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least p times the most likely token's (Nguyen et al. 2024)."""
+    if p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def process(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
+            counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole chain, in the documented order. Greedy decoding (temperature 0) keeps the
+    penalties, which change the argmax, and skips the rest, which cannot."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if counts is not None:
+        logits = apply_presence_frequency(logits, counts, cfg.presence_penalty, cfg.frequency_penalty)
+    if cfg.greedy:
+        return logits
+    logits = apply_temperature(logits, cfg.temperature)
+    logits = top_k(logits, cfg.top_k)
+    logits = top_p(logits, cfg.top_p)
+    return min_p(logits, cfg.min_p)
+
+
+def choose(logits: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator],
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row (B,) from raw logits (B, V)."""
+    logits = process(logits, cfg, seen, counts)
+    return greedy(logits) if cfg.greedy else sample(logits, generators)
+
+
+def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Draw one token per row (B,) from softmax(logits), row i using generators[i] alone.
+
+    Uses the exponential-race form (argmax of p / E, E ~ Exp(1)), which equals a categorical draw
+    and needs no cumulative sums; each row's noise comes from its own generator.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    noise = torch.empty_like(probs)
+    for row, g in enumerate(generators):
+        noise[row].exponential_(generator=g)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(logits, dim=-1)
