@@ -1,0 +1,34 @@
+"""gpt2kit: generate with, fine-tune and serve GPT-2.
+
+    import gpt2kit
+    model = gpt2kit.load("gpt2")
+    print(model.generate("Once upon a time", max_new_tokens=40, seed=42)[0])
+
+Heavy modules (torch) are imported on first use, so `gpt2kit --help` starts at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .config import GenerationConfig, ModelConfig
+from .errors import (CheckpointError, DeviceError, Gpt2kitError, HubError, OptionError,
+                     PromptTooLong, TokenizerError)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "api", "Model": "api",
+    "Tokenizer": "tokenizer",
+    "Completion": "generate", "TokenLogprob": "generate",
+    "GPT": "model",
+}
+
+__all__ = ["GenerationConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",
+           "HubError", "OptionError", "PromptTooLong", "TokenizerError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'gpt2kit' has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""The Python API: `load` a checkpoint into a `Model`, then generate, stream or read logits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoints import LoadedModel, load_model
+from .config import GenerationConfig, ModelConfig
+from .errors import OptionError, TokenizerError
+from .generate import Completion, generate_events
+from .runtime import resolve_device, resolve_dtype
+from .tokenizer import Tokenizer
+
+
+def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
+         revision: str | None = None) -> "Model":
+    """Load a GPT-2 from a hub id (`gpt2`, `openai-community/gpt2-large`), a Hugging Face-layout
+    folder or a single weights file. `device`: auto | cpu | cuda[:N]; `dtype`: auto | float32 |
+    bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    dev = resolve_device(device)
+    loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
+    tokenizer = (Tokenizer.from_folder(loaded.folder) if loaded.folder else None) or Tokenizer.default()
+    return Model(loaded, tokenizer)
+
+
+class Model:
+    """A loaded GPT-2 with its tokenizer. Generation options are `GenerationConfig` fields, passed
+    as a config object, keyword arguments, or both (keywords win)."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer):
+        self.module = loaded.model
+        self.config: ModelConfig = loaded.config
+        self.tokenizer = tokenizer
+        self.source = loaded.source
+        self.loaded = loaded
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                 f"{self.config.vocab_size}; the checkpoint's tokenizer files do not match it")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """Float32 logits (batch, seq, vocab) for token ids: a list, a list of equal-length lists,
+        or a tensor of shape (seq,) or (batch, seq)."""
+        idx = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        if idx.dim() == 1:
+            idx = idx[None]
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise OptionError("token_ids", f"must be a non-empty (batch, seq) array, got shape {tuple(idx.shape)}")
+        bad = (idx < 0) | (idx >= self.config.vocab_size)
+        if bad.any():
+            raise TokenizerError(f"token id {int(idx[bad][0])} is outside the vocabulary "
+                                 f"(size {self.config.vocab_size})")
+        with torch.inference_mode():
+            return self.module(idx).float()
+
+    def complete(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
+                 **options) -> list[Completion]:
+        """Like `generate`, with token ids, finish reason and (optionally) log-probabilities."""
+        cfg, prompts, samples, indices = self._plan(prompt, config, options)
+        done: list[Completion | None] = [None] * len(prompts)
+        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices):
+            if event.completion is not None:
+                done[event.row] = event.completion
+        return done
+
+    def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
+                 **options) -> list[str]:
+        """Continuations of one prompt or a batch: `n` texts per prompt, prompt by prompt.
+        The prompt itself is not repeated in the result."""
+        return [c.text for c in self.complete(prompt, config, **options)]
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, **options) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece as it is generated (n must be 1)."""
+        cfg, prompts, samples, indices = self._plan(prompt, config, options)
+        if not isinstance(prompt, str) or cfg.n != 1:
+            raise OptionError("n", "must be 1 and the prompt a single string when streaming")
+        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices):
+            if event.text:
+                yield event.text
+
+    def _plan(self, prompt, config: GenerationConfig | None, options: dict):
+        """Options, then one row per (prompt, sample): token ids, sample and prompt indices."""
+        cfg = replace(config or GenerationConfig(), **options) if options else (config or GenerationConfig())
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise OptionError("prompt", "must be a string or a non-empty list of strings")
+        encoded = self.tokenizer.encode_batch(texts)
+        rows = [(ids, j, i) for i, ids in enumerate(encoded) for j in range(cfg.n)]
+        return cfg, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def info(self) -> dict:
+        """What this model is: shape, size, dtype, device, tokenizer and where it came from."""
+        cfg = self.config
+        n_params = sum(p.numel() for p in self.module.parameters())
+        return {
+            "architecture": "GPT-2",
+            "source": self.source,
+            "parameters": n_params,
+            "layers": cfg.n_layer, "heads": cfg.n_head, "embedding": cfg.n_embd,
+            "context": cfg.n_positions, "vocab_size": cfg.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "stored_dtype": self.loaded.weights_dtype,
+            "device": str(self.device),
+            "tokenizer": self.tokenizer.source,
+        }

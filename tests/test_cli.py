@@ -1,0 +1,135 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors, output files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt2kit.cli import main
+
+
+def run(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "gpt2kit", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def one_line_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_generate_prints_prompt_and_samples(tiny_folder):
+    r = run("generate", "Hello, I'm a language model,", "-m", str(tiny_folder), "-n", "3",
+            "--max-length", "20", "--seed", "42")
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.strip().split("\n" + "=" * 20 + "\n")
+    assert len(samples) == 3 and all(s.startswith("Hello, I'm a language model,") for s in samples)
+    again = run("generate", "Hello, I'm a language model,", "-m", str(tiny_folder), "-n", "3",
+                "--max-length", "20", "--seed", "42")
+    assert again.stdout == r.stdout
+
+
+def test_prompts_file_to_jsonl(tiny_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
+    out = tmp_path / "samples.jsonl"
+    r = run("generate", "-m", str(tiny_folder), "--prompts-file", str(prompts), "--output", str(out),
+            "--max-new-tokens", "5", "--seed", "1", "-n", "2")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["first prompt"] * 2 + ["second prompt"] * 2
+    assert all(row["finish_reason"] in ("stop", "length") for row in rows)
+
+
+def test_stdin_stream(tiny_folder):
+    r = run("generate", "-m", str(tiny_folder), "--stream", "--max-new-tokens", "6", "--seed", "3",
+            stdin="Once upon a time\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
+    plain = run("generate", "Once upon a time", "-m", str(tiny_folder), "--max-new-tokens", "6", "--seed", "3")
+    assert r.stdout.strip() == plain.stdout.strip()
+
+
+def test_info(tiny_folder):
+    r = run("info", str(tiny_folder))
+    assert r.returncode == 0, r.stderr
+    for word in ("GPT-2", "parameters", "float32", "context", "tokenizer", str(tiny_folder)):
+        assert word in r.stdout
+    data = json.loads(run("info", str(tiny_folder), "--json").stdout)
+    assert data["layers"] == 2 and data["context"] == 64
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--temperature", "-1"], "--temperature must be at least 0, got -1"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-3"], "--top-k must be at least 0"),
+    (["--max-length", "0"], "--max-length must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--max-new-tokens", "-4"], "--max-new-tokens must be at least 1"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["-n", "0"], "--num-samples must be at least 1"),
+])
+def test_bad_options_are_one_line_exit_2(flags, fragment, capsys):
+    code = main(["generate", "hi", "-m", "./no-such-dir", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--top-k", "x"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_missing_model_path_never_goes_to_the_hub(tmp_path):
+    r = run("generate", "hi", "-m", "./no-such-dir")
+    one_line_error(r, 1, "no-such-dir")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run("generate", "hi", "-m", str(empty))
+    one_line_error(r, 1, "model.safetensors", "pytorch_model.bin")
+
+
+def test_invalid_utf8_prompts_file(tiny_folder, tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"good line\ncaf\xe9 au lait\n")
+    r = run("generate", "-m", str(tiny_folder), "--prompts-file", str(bad))
+    one_line_error(r, 1, "not valid UTF-8", "line 2")
+
+
+def test_prompt_longer_than_context(tiny_folder):
+    r = run("generate", " a" * 100, "-m", str(tiny_folder), "--max-new-tokens", "2")
+    one_line_error(r, 1, "100 tokens", "64")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tiny_folder):
+    r = run("generate", "hi", "-m", str(tiny_folder), "--device", "cuda")
+    one_line_error(r, 1, "no CUDA GPU")
+
+
+def test_empty_prompt_is_allowed(tiny_folder):
+    r = run("generate", "", "-m", str(tiny_folder), "--max-new-tokens", "4", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys, time; t = time.time(); from gpt2kit.cli import build_parser; " \
+           "build_parser().format_help(); print('torch' in sys.modules, time.time() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    assert out[0] == "False"
+    start = time.time()
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "--top-p" in r.stdout and "default 50" in r.stdout
+    assert time.time() - start < 5  # generous: shared CI machines; the benchmark measures it

@@ -1,0 +1,75 @@
+"""Our GPT-2 against transformers' GPT2LMHeadModel on the same random weights, and the cached and
+padded paths against the plain forward."""
+
+import pytest
+import torch
+
+import gpt2kit
+from gpt2kit.kv_cache import KVCache
+
+from conftest import tiny_hf_model
+
+SHAPES = [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=3, n_head=4, n_embd=64),
+          dict(n_layer=1, n_head=1, n_embd=16)]
+
+
+@pytest.fixture(scope="module", params=SHAPES, ids=lambda s: "L{n_layer}-H{n_head}-C{n_embd}".format(**s))
+def pair(request, tmp_path_factory):
+    hf = tiny_hf_model(**request.param, seed=1)
+    folder = tmp_path_factory.mktemp("pair")
+    hf.save_pretrained(folder)
+    return hf, gpt2kit.load(folder, device="cpu")
+
+
+def test_logits_match_transformers(pair):
+    hf, ours = pair
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    got = ours.logits(idx)
+    assert got.shape == (3, 40, 50257) and got.dtype == torch.float32
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_cached_decode_equals_full_forward(pair):
+    _, ours = pair
+    model = ours.module
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, 2, 30)
+        steps = [model(idx[:, :12], 0, cache)]
+        steps += [model(idx[:, t:t + 1], t, cache) for t in range(12, 30)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_rows_equal_unpadded(pair):
+    _, ours = pair
+    model = ours.module
+    a, b = torch.randint(0, 50257, (1, 20)), torch.randint(0, 50257, (1, 13))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
+    pad = torch.tensor([0, 7])
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 2, 25)
+        out = model(batch, 0, cache, pad)
+        nxt = torch.randint(0, 50257, (2, 1))
+        step = model(nxt, 20, cache, pad)
+        ref_a = model(torch.cat([a, nxt[:1]], 1))
+        ref_b = model(torch.cat([b, nxt[1:]], 1))
+    assert (out[0] - ref_a[0, :20]).abs().max() < 1e-5
+    assert (out[1, 7:] - ref_b[0, :13]).abs().max() < 1e-5
+    assert (step[0, 0] - ref_a[0, -1]).abs().max() < 1e-5
+    assert (step[1, 0] - ref_b[0, -1]).abs().max() < 1e-5
+
+
+def test_forward_past_context_is_refused(pair):
+    _, ours = pair
+    n = ours.config.n_positions
+    with pytest.raises(ValueError, match="context"):
+        ours.module(torch.zeros(1, n + 1, dtype=torch.long))
+
+
+def test_logits_rejects_out_of_vocab_ids(pair):
+    _, ours = pair
+    with pytest.raises(gpt2kit.TokenizerError, match="50257"):
+        ours.logits([[1, 2, 50257]])
