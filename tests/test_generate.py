@@ -155,3 +155,25 @@ def test_penalties_change_greedy_output(tiny_model):
     plain = tiny_model.generate("the the the", max_new_tokens=20, **GREEDY)
     penalised = tiny_model.generate("the the the", max_new_tokens=20, repetition_penalty=5.0, **GREEDY)
     assert plain != penalised
+
+
+def test_bfloat16_weights_generate_and_track_float32(tiny_folder, tiny_model):
+    """The reduced-precision path (what CUDA uses by default) runs on CPU too: weights and cache
+    in bfloat16, logits returned as float32, greedy output close to the float32 model's."""
+    bf16 = gpt2kit.load(tiny_folder, device="cpu", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and bf16.info()["dtype"] == "bfloat16"
+    ids = tiny_model.tokenizer.encode("Hello there, general")
+    assert bf16.logits(ids).dtype == torch.float32
+    assert (bf16.logits(ids) - tiny_model.logits(ids)).abs().max().item() < 0.05
+    [c] = bf16.complete("Hello", max_new_tokens=8, **GREEDY)
+    assert len(c.token_ids) == 8
+
+
+def test_dtype_choices_are_checked():
+    from gpt2kit.runtime import resolve_dtype
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    with pytest.raises(gpt2kit.DeviceError, match="float16"):
+        resolve_dtype("float16", cpu)
+    with pytest.raises(gpt2kit.DeviceError, match="--dtype"):
+        resolve_dtype("float8", cpu)

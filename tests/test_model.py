@@ -73,3 +73,17 @@ def test_logits_rejects_out_of_vocab_ids(pair):
     _, ours = pair
     with pytest.raises(gpt2kit.TokenizerError, match="50257"):
         ours.logits([[1, 2, 50257]])
+
+
+def test_inference_layout_equals_plain_model(tiny_folder):
+    """runtime.prepare_for_inference (packed linears, column-major head) vs the plain module."""
+    from gpt2kit.checkpoints import load_model
+    plain = load_model(str(tiny_folder), torch.device("cpu"), torch.float32).model
+    fast = gpt2kit.load(tiny_folder, device="cpu").module
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        assert (fast(idx) - plain(idx)).abs().max().item() < 1e-4
+        cache_a, cache_b = KVCache.for_model(plain, 2, 30), KVCache.for_model(fast, 2, 30)
+        plain(idx, 0, cache_a), fast(idx, 0, cache_b)
+        step = torch.randint(0, 50257, (2, 1))
+        assert (fast(step, 24, cache_b) - plain(step, 24, cache_a)).abs().max().item() < 1e-4

@@ -12,7 +12,7 @@ from .checkpoints import LoadedModel, load_model
 from .config import GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
 from .generate import Completion, generate_events
-from .runtime import resolve_device, resolve_dtype
+from .runtime import prepare_for_inference, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 
@@ -23,16 +23,19 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)."""
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
+    n_params = sum(p.numel() for p in loaded.model.parameters())  # before packing turns them into buffers
+    prepare_for_inference(loaded.model)
     tokenizer = (Tokenizer.from_folder(loaded.folder) if loaded.folder else None) or Tokenizer.default()
-    return Model(loaded, tokenizer)
+    return Model(loaded, tokenizer, n_params)
 
 
 class Model:
     """A loaded GPT-2 with its tokenizer. Generation options are `GenerationConfig` fields, passed
     as a config object, keyword arguments, or both (keywords win)."""
 
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer):
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, n_params: int):
         self.module = loaded.model
+        self.n_params = n_params
         self.config: ModelConfig = loaded.config
         self.tokenizer = tokenizer
         self.source = loaded.source
@@ -102,11 +105,10 @@ class Model:
     def info(self) -> dict:
         """What this model is: shape, size, dtype, device, tokenizer and where it came from."""
         cfg = self.config
-        n_params = sum(p.numel() for p in self.module.parameters())
         return {
             "architecture": "GPT-2",
             "source": self.source,
-            "parameters": n_params,
+            "parameters": self.n_params,
             "layers": cfg.n_layer, "heads": cfg.n_head, "embedding": cfg.n_embd,
             "context": cfg.n_positions, "vocab_size": cfg.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),

