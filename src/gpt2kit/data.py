@@ -1,0 +1,368 @@
+"""Data preparation: text, CSV/TSV, JSON lines or a folder of .txt files -> packed token blocks.
+
+The recipe (`prepare_data`): fingerprint the inputs; reuse the cache entry when it is complete;
+else stream the documents, tokenize them in batches, append each document's tokens and the EOS id
+to train.bin / val.bin in a temporary folder and rename it into place; then cut blocks.
+
+Reading the input formats (decoding, line splitting, CSV/JSONL, the safe cuts that keep memory
+bounded without changing a token) lives in `readers.py`; this module turns its pieces into tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field as _field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .blocks import TokenBlocks
+from .errors import InputFileError, OptionError
+from .readers import _check_options, _existing, _folder_files, _kind, _open, _pieces
+
+CACHE_VERSION = 1  # bump when the token files or manifest change meaning
+BATCH_CHARS = 1 << 17  # characters per encode_batch call: bounds the Python lists of ids
+BATCH_PIECES = 1024
+MIN_BLOCKS, MIN_BLOCK_SIZE = 4, 8
+ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training text is and how to read and split it. The CLI builds flags from these fields."""
+
+    path: str = _field(metadata={
+        "help": "training text: a .txt file, a .csv/.tsv file, a .jsonl file or a folder of .txt files"})
+    column: str | None = _field(default=None, metadata={
+        "help": "CSV/TSV column holding the text (required when the file has several columns)"})
+    field: str | None = _field(default=None, metadata={
+        "help": "JSONL field holding the text (required when the objects have several fields)"})
+    line_by_line: bool = _field(default=False, metadata={
+        "help": "plain text: one document per non-empty line (default: one document per file)"})
+    encoding: str = _field(default="utf-8", metadata={
+        "help": "text encoding of the data files (default utf-8; a UTF-8 byte order mark is skipped)"})
+    encoding_errors: str = _field(default="strict", metadata={
+        "help": "bytes invalid in the encoding: strict (stop with an error), replace (with U+FFFD), "
+        "ignore or backslashreplace (default strict)"})
+    val_fraction: float = _field(default=0.05, metadata={
+        "help": "fraction of the documents held out for validation, in [0, 0.5]; 0 disables "
+        "(default 0.05; ignored with --val-file)"})
+    val_file: str | None = _field(default=None, metadata={
+        "help": "validation data, read like the training data (default: hold out --val-fraction)"})
+    block_size: int | None = _field(default=None, metadata={
+        "help": "tokens per training block (default: the model's context)"})
+    cache_dir: str | None = _field(default=None, metadata={
+        "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
+
+    def __post_init__(self):
+        for name in ("path", "column", "field", "val_file", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, value := os.fspath(value))
+            if (value is not None or name == "path") and (not isinstance(value, str) or not value):
+                raise OptionError(name, f"must be a non-empty string, got {value!r}")
+        if not isinstance(self.line_by_line, bool):
+            raise OptionError("line_by_line", f"must be true or false, got {self.line_by_line!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise OptionError("encoding", f"{self.encoding!r} is not a known encoding; "
+                              "e.g. utf-8, latin-1, cp1252, utf-16") from None
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise OptionError("encoding_errors", f"must be one of {', '.join(ENCODING_ERRORS)}; "
+                              f"got {self.encoding_errors!r}")
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 0.5):
+            raise OptionError("val_fraction", f"must be a number in [0, 0.5], got {v!r}")
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+            raise OptionError("block_size", f"must be an integer of at least 2, got {b!r}")
+
+
+@dataclass
+class PreparedData:
+    """Token blocks ready for training, and what was done to make them."""
+
+    train: TokenBlocks
+    val: TokenBlocks | None
+    documents: int  # training documents
+    val_documents: int
+    tokens: int  # training tokens, including the EOS after each document
+    block_size: int  # may be smaller than asked (see notes)
+    fingerprint: str  # sha256 of (data content, parse and split options, seed, tokenizer): resume compares it
+    cached: bool  # loaded from the cache
+    notes: list[str]  # human-readable remarks for the user
+
+
+def read_documents(cfg: DataConfig, path: str | None = None) -> Iterator[str]:
+    """The non-blank documents of `path` (default `cfg.path`), newlines normalised, streamed. Each
+    document is held whole here; `prepare_data` streams long plain-text documents in pieces instead."""
+    parts: list[str] = []
+    for piece, ends in _pieces(cfg, _existing(path or cfg.path)):
+        parts.append(piece)
+        if ends:
+            yield "".join(parts)
+            parts = []
+
+
+def prepare_data(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0,
+                 progress: bool = False) -> PreparedData:
+    """Tokenize `cfg`'s data (or load it from the cache) into blocks of `block_size` tokens,
+    falling back to smaller blocks when the text is short. Call it before loading a model: bad
+    input fails here, fast."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise OptionError("block_size", f"must be an integer of at least 2, got {block_size!r}")
+    sources = [_existing(cfg.path)] + ([_existing(cfg.val_file, "validation file")] if cfg.val_file else [])
+    for source in sources:
+        _check_options(cfg, source)
+    fingerprint = _fingerprint(cfg, tokenizer, seed, sources)
+    folder = _cache_root(cfg) / fingerprint
+    manifest = _read_manifest(folder)
+    cached = manifest is not None
+    if manifest is None:
+        manifest = _build(cfg, tokenizer, seed, sources, folder, progress)
+    return _assemble(folder, manifest, block_size, fingerprint, cached, sources[0])
+
+
+# --- tokenizing and caching ---------------------------------------------------------------------
+
+class _TokenFile:
+    """A raw token file being appended to; remembers where its last document starts."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.tokens = self.documents = self.last_start = 0
+        self._ids: list[int] = []
+        self._file = open(path, "wb")
+
+    def add(self, ids: list[int], starts: bool, eos: int | None) -> None:
+        if starts:
+            self.last_start = self.tokens
+        self._ids += ids
+        if eos is not None:  # the real EOS id, never the text "<|endoftext|>" (CASES T3)
+            self._ids.append(eos)
+            self.documents += 1
+        self.tokens += len(ids) + (eos is not None)
+
+    def flush(self) -> None:
+        np.asarray(self._ids, dtype=self.dtype).tofile(self._file)
+        self._ids = []
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def _tokenize(pieces: Iterator[tuple[str, bool]], tokenizer, route: Callable[[int], _TokenFile]) -> None:
+    """Encode pieces in batches; `route(document index)` picks each document's file."""
+    batch: list[tuple[str, bool, bool, _TokenFile]] = []
+    size, index, starts = 0, 0, True
+    for text, ends in pieces:
+        if starts:
+            dest = route(index)
+            index += 1
+        batch.append((text, starts, ends, dest))
+        size, starts = size + len(text), ends
+        if size >= BATCH_CHARS or len(batch) >= BATCH_PIECES:
+            _encode(batch, tokenizer)
+            batch, size = [], 0
+    _encode(batch, tokenizer)
+
+
+def _encode(batch: list, tokenizer) -> None:
+    ids = tokenizer.encode_batch([text for text, *_ in batch]) if batch else []
+    for piece_ids, (_, starts, ends, dest) in zip(ids, batch):
+        dest.add(piece_ids, starts, tokenizer.eos_id if ends else None)
+    for dest in {id(b[3]): b[3] for b in batch}.values():
+        dest.flush()
+
+
+def _in_val(seed: int, index: int, fraction: float) -> bool:
+    """Whether document `index` is held out: splitmix64 of (seed, index) as a number in [0, 1)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) / 2**64 < fraction
+
+
+def _build(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], folder: Path, progress: bool) -> dict:
+    """Tokenize into a temporary folder beside `folder`, then rename it into place (atomic: an
+    interrupted run leaves no entry, and `_read_manifest` rejects one whose files are short)."""
+    dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
+    tmp, files = None, []
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.partial-", dir=folder.parent))
+        train, val = files = [_TokenFile(tmp / "train.bin", dtype), _TokenFile(tmp / "val.bin", dtype)]
+        _tokenize_sources(cfg, tokenizer, seed, sources, train, val, progress)
+        train.close()
+        val.close()
+        notes = _balance(cfg, train, val, sources)
+        manifest = {"version": CACHE_VERSION, "dtype": dtype, "train_tokens": train.tokens,
+                    "val_tokens": val.tokens, "documents": train.documents,
+                    "val_documents": val.documents, "notes": notes}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _move_into_place(tmp, folder)
+        return manifest
+    except BaseException as e:
+        for f in files:
+            f.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # reading errors are InputFileError already
+            raise OptionError("cache_dir", f"folder {folder.parent} cannot be written ({e.strerror or e}); "
+                              "free some space or choose another folder") from None
+        raise
+
+
+def _tokenize_sources(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], train: _TokenFile,
+                      val: _TokenFile, progress: bool) -> None:
+    total = sum(p.stat().st_size for s in sources for p in (_folder_files(s) if s.is_dir() else [s]))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
+              file=sys.stderr) as bar:
+        if cfg.val_file:
+            _tokenize(_pieces(cfg, sources[0], bar), tokenizer, lambda i: train)
+            _tokenize(_pieces(cfg, sources[1], bar), tokenizer, lambda i: val)
+        else:
+            fraction = cfg.val_fraction
+            _tokenize(_pieces(cfg, sources[0], bar), tokenizer, lambda i: val if _in_val(seed, i, fraction) else train)
+
+
+def _balance(cfg: DataConfig, train: _TokenFile, val: _TokenFile, sources: list[Path]) -> list[str]:
+    """Check there is text, and that neither split is empty when it need not be."""
+    if not train.documents and (cfg.val_file or not val.documents):
+        raise InputFileError(f"no training text found in {sources[0]}: it holds no non-blank document")
+    if cfg.val_file and not val.documents:
+        raise InputFileError(f"no validation text found in {sources[1]}: it holds no non-blank document")
+    if not train.documents:
+        _move_last_document(val, train)
+    if cfg.val_fraction > 0 and not cfg.val_file and not val.documents:
+        if train.documents < 2:
+            return ["the data is a single document, so nothing is held out for validation; use "
+                    "--line-by-line, a folder of files or --val-file for a validation split"]
+        _move_last_document(train, val)
+    return []
+
+
+def _move_last_document(src: _TokenFile, dst: _TokenFile) -> None:
+    start = src.last_start * src.dtype.itemsize
+    with open(src.path, "rb") as s, open(dst.path, "ab") as d:
+        s.seek(start)
+        shutil.copyfileobj(s, d)
+    os.truncate(src.path, start)
+    moved = src.tokens - src.last_start
+    src.tokens, dst.tokens = src.last_start, dst.tokens + moved
+    src.documents, dst.documents = src.documents - 1, dst.documents + 1
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # the folder exists: a concurrent run finished first, or a broken entry
+        if _read_manifest(folder) is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The manifest of a complete cache entry (token files of the recorded sizes), else None."""
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+        itemsize = np.dtype(m["dtype"]).itemsize
+        complete = m["version"] == CACHE_VERSION and all(
+            (folder / f"{split}.bin").stat().st_size == m[f"{split}_tokens"] * itemsize for split in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return m if complete else None
+
+
+def _assemble(folder: Path, m: dict, block_size: int, fingerprint: str, cached: bool, path: Path) -> PreparedData:
+    notes = list(m["notes"])
+    n = m["train_tokens"]
+    block = _fit_block_size(n, block_size, path)
+    if block < block_size:
+        notes.append(f"the training text has {n} tokens, fewer than {MIN_BLOCKS} blocks of {block_size}: "
+                     f"using {block}-token blocks")
+    train = TokenBlocks.from_file(folder / "train.bin", block, m["dtype"])
+    val = None
+    if m["val_tokens"] >= block:
+        val = TokenBlocks.from_file(folder / "val.bin", block, m["dtype"])
+    elif m["val_documents"]:
+        notes.append(f"the validation split has {m['val_tokens']} tokens, less than one {block}-token block: "
+                     "no validation")
+    return PreparedData(train=train, val=val, documents=m["documents"], val_documents=m["val_documents"],
+                        tokens=n, block_size=block, fingerprint=fingerprint, cached=cached, notes=notes)
+
+
+def _fit_block_size(n_tokens: int, block_size: int, path: Path) -> int:
+    """`block_size`, or the largest power of two that still gives MIN_BLOCKS blocks."""
+    if n_tokens // block_size >= MIN_BLOCKS:
+        return block_size
+    fit = 1 << ((n_tokens // MIN_BLOCKS).bit_length() - 1) if n_tokens >= MIN_BLOCKS else 0
+    if fit < MIN_BLOCK_SIZE:
+        raise InputFileError(f"{path} has only {n_tokens} tokens of training text; at least "
+                             f"{MIN_BLOCKS * MIN_BLOCK_SIZE} are needed: add more text")
+    return fit
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    default = os.environ.get("GPT2KIT_CACHE") or Path.home() / ".cache" / "gpt2kit" / "data"
+    return Path(cfg.cache_dir or default).expanduser()
+
+
+# --- fingerprints -------------------------------------------------------------------------------
+
+def _fingerprint(cfg: DataConfig, tokenizer, seed: int, sources: list[Path]) -> str:
+    """Everything the token files depend on; the path itself does not count (moving a file keeps its cache)."""
+    parts = {"version": CACHE_VERSION, "data": _content_hash(sources[0]), "kind": _kind(sources[0]),
+             "column": cfg.column, "field": cfg.field, "line_by_line": cfg.line_by_line,
+             "encoding": codecs.lookup(cfg.encoding).name, "encoding_errors": cfg.encoding_errors,
+             "val_file": _content_hash(sources[1]) if cfg.val_file else None,
+             "val_kind": _kind(sources[1]) if cfg.val_file else None,
+             "val_fraction": None if cfg.val_file else cfg.val_fraction, "seed": seed,
+             "tokenizer": _tokenizer_identity(tokenizer)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file read in chunks; for a folder, of its .txt files' names and hashes."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for file in _folder_files(path):
+            h.update(f"{file.relative_to(path).as_posix()}\0{_content_hash(file)}\n".encode())
+        return h.hexdigest()
+    with _open(path) as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> identity
+_PROBE = "Hello world! It's 2024: naïve café, 東京, 🤗 <|endoftext|>\n\n  indented\ttabs 12345"
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    """sha256 of the id -> bytes table, the EOS id and a probe's tokens (which depend on the merges)."""
+    if (known := _IDENTITIES.get(tokenizer)) is None:
+        h = hashlib.sha256()
+        for i in range(tokenizer.vocab_size):
+            b = tokenizer.token_bytes(i)
+            h.update(len(b).to_bytes(4, "little") + b)
+        h.update(json.dumps([tokenizer.eos_id, tokenizer.encode(_PROBE)]).encode())
+        known = _IDENTITIES[tokenizer] = h.hexdigest()
+    return known
