@@ -133,3 +133,23 @@ def test_help_is_fast_and_does_not_import_torch():
     r = run("generate", "--help")
     assert r.returncode == 0 and "--top-p" in r.stdout and "default 50" in r.stdout
     assert time.time() - start < 5  # generous: shared CI machines; the benchmark measures it
+
+
+JOKES = __import__("conftest").SHARED_DATA / "onelinefun.csv"
+
+
+def test_eval_reports_loss_and_perplexity(tiny_folder, tiny_model, tmp_path):
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("ID,Joke\n1,I told my wife she was drawing her eyebrows too high. She looked surprised.\n"
+                        "2,\"Why do cows wear bells? Because their horns don't work.\"\n", encoding="utf-8")
+    r = run("eval", "-m", str(tiny_folder), str(held_out), "--column", "Joke", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    expected = tiny_model.evaluate(held_out, column="Joke")
+    assert abs(got["loss"] - expected.nll) < 1e-6 and got["tokens"] == expected.n_tokens
+    assert abs(got["perplexity"] - __import__("math").exp(got["loss"])) < 1e-3 * got["perplexity"]
+
+
+def test_eval_without_column_lists_the_columns(tiny_folder):
+    r = run("eval", "-m", str(tiny_folder), str(JOKES))
+    one_line_error(r, 1, "ID, Joke", "--column")

@@ -9,8 +9,9 @@ from typing import Iterator, Sequence
 import torch
 
 from .checkpoints import LoadedModel, load_model
-from .config import GenerationConfig, ModelConfig
+from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
+from .evaluate import Scores
 from .generate import Completion, generate_events
 from .runtime import prepare_for_inference, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
@@ -101,6 +102,17 @@ class Model:
         encoded = self.tokenizer.encode_batch(texts)
         rows = [(ids, j, i) for i, ids in enumerate(encoded) for j in range(cfg.n)]
         return cfg, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def evaluate(self, data, stride: int | None = None, **data_options) -> Scores:
+        """Token-level loss and perplexity of a file's documents (a path or a DataConfig; CSV,
+        JSONL, text or a folder, read as fine-tuning reads them), each document followed by
+        <|endoftext|>; texts longer than the context are scored with a sliding window moved by
+        `stride` tokens (default: half the context)."""
+        from .data import read_documents
+        from .evaluate import evaluate_documents
+        cfg = data if isinstance(data, DataConfig) else DataConfig(path=str(data), **data_options)
+        docs = (self.tokenizer.encode(text) for text in read_documents(cfg))
+        return evaluate_documents(self.module, docs, self.tokenizer.eos_id, stride=stride)
 
     def info(self) -> dict:
         """What this model is: shape, size, dtype, device, tokenizer and where it came from."""

@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
-from .config import GenerationConfig, option_fields
+from .config import DataConfig, GenerationConfig, option_fields
 from .errors import Gpt2kitError, InputFileError, OptionError
 
 # Fields whose flag is not simply --field-name (the CLI keeps the names users know).
@@ -40,33 +40,40 @@ def flag_of(field_name: str) -> str:
     return FLAGS.get(field_name, ("--" + field_name.replace("_", "-"),))[-1]
 
 
-def _arg_type(f):
-    kinds = {"int | None": int, "int": int, "float": float, "str": str}
-    return kinds.get(str(f.type), str)
+SCALARS = {"int": int, "float": float, "str": str}
 
 
-def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation options (same names and defaults as the Python API)")
-    for f in option_fields(GenerationConfig):
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One flag per documented field of `cls`; unset flags stay None so the dataclass defaults
+    (documented once, in its help text) apply."""
+    group = parser.add_argument_group(title)
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
         names = FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
+        kind = str(f.type).replace(" | None", "")
         if f.name == "stop_at_eos":
-            group.add_argument(*names, dest=f.name, action="store_false",
+            group.add_argument(*names, dest=f.name, action="store_false", default=None,
                                help="keep generating past <|endoftext|> (default: stop there)")
-        elif f.name == "stop":
+        elif kind == "bool":
+            group.add_argument(*names, dest=f.name, action="store_true", default=None, help=f.metadata["help"])
+        elif kind.startswith("tuple"):
             group.add_argument(*names, dest=f.name, action="append", default=None, metavar="TEXT",
-                               help=f.metadata["help"])
+                               help=f.metadata["help"] + " (may be repeated)")
         else:
-            group.add_argument(*names, dest=f.name, type=_arg_type(f), default=None,
+            group.add_argument(*names, dest=f.name, type=SCALARS.get(kind, str), default=None,
                                metavar=f.name.upper(), help=f.metadata["help"])
+
+
+def options_for(cls, args: argparse.Namespace) -> dict:
+    """The fields of `cls` given on the command line (flags left unset are omitted)."""
+    return {f.name: tuple(v) if isinstance(v, list) else v
+            for f in fields(cls) if (v := getattr(args, f.name, None)) is not None}
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The GenerationConfig for the flags given; the dataclass defaults fill the rest."""
-    given = {}
-    for f in fields(GenerationConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and not (f.name == "stop_at_eos" and value is True):
-            given[f.name] = tuple(value) if f.name == "stop" else value
+    given = options_for(GenerationConfig, args)
     if "max_length" in given and "max_new_tokens" not in given:
         given["max_new_tokens"] = None
     return GenerationConfig(**given)
@@ -110,7 +117,7 @@ def configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", type=Path,
                    help="write samples to a .txt or .jsonl file instead of standard output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    add_generation_flags(p)
+    add_dataclass_flags(p, GenerationConfig, "generation options (same names and defaults as the Python API)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -219,9 +226,37 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval -----------------------------------------------------------------------------------
+
+READ_ONLY_DATA = ("path", "val_fraction", "val_file", "block_size", "cache_dir")
+
+
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="text to score: .txt, .csv/.tsv (with --column), .jsonl (with --field) "
+                   "or a folder of .txt files, read as fine-tuning reads it")
+    add_model_flags(p)
+    add_dataclass_flags(p, DataConfig, "data options", skip=READ_ONLY_DATA)
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window step for texts longer than the context (default: half the context)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    data = DataConfig(path=args.data, **options_for(DataConfig, args))
+    from .api import load
+    scores = load(args.model, device=args.device, dtype=args.dtype).evaluate(data, stride=args.stride)
+    result = {"loss": scores.nll, "perplexity": scores.ppl, "tokens": scores.n_tokens}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {scores.nll:.4f}  perplexity {scores.ppl:.2f}  ({scores.n_tokens:,} tokens)")
+    return 0
+
+
 COMMANDS = {
     "generate": (run_generate, configure_generate, "continue prompts with a GPT-2 model"),
     "info": (run_info, configure_info, "describe a model: architecture, size, dtype, tokenizer, source"),
+    "eval": (run_eval, configure_eval, "token-level loss and perplexity of a model on a file"),
 }
 
 

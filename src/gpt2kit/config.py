@@ -7,8 +7,11 @@ documented; the CLI, the Python API and the server all read it from here.
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
 from dataclasses import dataclass, field, fields
+from dataclasses import field as _field  # DataConfig has a field named "field"
 
 from .errors import OptionError
 
@@ -156,6 +159,98 @@ class GenerationConfig:
         if self.max_length is not None:
             return max(1, self.max_length - prompt_len)
         return self.max_new_tokens
+
+
+ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training text is and how to read and split it. The CLI builds flags from these fields."""
+
+    path: str = _field(metadata={
+        "help": "training text: a .txt file, a .csv/.tsv file, a .jsonl file or a folder of .txt files"})
+    column: str | None = _field(default=None, metadata={
+        "help": "CSV/TSV column holding the text (required when the file has several columns)"})
+    field: str | None = _field(default=None, metadata={
+        "help": "JSONL field holding the text (required when the objects have several fields)"})
+    line_by_line: bool = _field(default=False, metadata={
+        "help": "plain text: one document per non-empty line (default: one document per file)"})
+    encoding: str = _field(default="utf-8", metadata={
+        "help": "text encoding of the data files (default utf-8; a UTF-8 byte order mark is skipped)"})
+    encoding_errors: str = _field(default="strict", metadata={
+        "help": "bytes invalid in the encoding: strict (stop with an error), replace (with U+FFFD), "
+        "ignore or backslashreplace (default strict)"})
+    val_fraction: float = _field(default=0.05, metadata={
+        "help": "fraction of the documents held out for validation, in [0, 0.5]; 0 disables "
+        "(default 0.05; ignored with --val-file)"})
+    val_file: str | None = _field(default=None, metadata={
+        "help": "validation data, read like the training data (default: hold out --val-fraction)"})
+    block_size: int | None = _field(default=None, metadata={
+        "help": "tokens per training block (default: the model's context)"})
+    cache_dir: str | None = _field(default=None, metadata={
+        "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
+
+    def __post_init__(self):
+        for name in ("path", "column", "field", "val_file", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, value := os.fspath(value))
+            if (value is not None or name == "path") and (not isinstance(value, str) or not value):
+                raise OptionError(name, f"must be a non-empty string, got {value!r}")
+        if not isinstance(self.line_by_line, bool):
+            raise OptionError("line_by_line", f"must be true or false, got {self.line_by_line!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise OptionError("encoding", f"{self.encoding!r} is not a known encoding; "
+                              "e.g. utf-8, latin-1, cp1252, utf-16") from None
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise OptionError("encoding_errors", f"must be one of {', '.join(ENCODING_ERRORS)}; "
+                              f"got {self.encoding_errors!r}")
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 0.5):
+            raise OptionError("val_fraction", f"must be a number in [0, 0.5], got {v!r}")
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+            raise OptionError("block_size", f"must be an integer of at least 2, got {b!r}")
+
+
+# Linear layers LoRA can adapt (module-name suffixes in GPT; "c_proj" means both projections).
+TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: which linear layers get one, its rank and its scale."""
+
+    rank: int = field(default=8, metadata={
+        "help": "rank r of each adapter's update B @ A (default 8)"})
+    alpha: float = field(default=16.0, metadata={
+        "help": "the update is scaled by alpha / rank (default 16)"})
+    dropout: float = field(default=0.05, metadata={
+        "help": "dropout on each adapter's input while training, in [0, 1) (default 0.05)"})
+    targets: tuple[str, ...] = field(default=("c_attn",), metadata={
+        "help": f"linear layers to adapt, by name: {', '.join(TARGETS)} (c_proj means both); "
+        "may be repeated or comma-separated (default c_attn)"})
+
+    def __post_init__(self):
+        if _integer("rank", self.rank) < 1:
+            raise OptionError("rank", f"must be at least 1, got {self.rank}")
+        if _finite("alpha", self.alpha) <= 0:
+            raise OptionError("alpha", f"must be greater than 0, got {self.alpha}")
+        if not 0 <= _finite("dropout", self.dropout) < 1:
+            raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        targets = tuple(dict.fromkeys(t.strip() if isinstance(t, str) else t for t in targets))
+        for t in targets:
+            if t not in TARGETS:
+                raise OptionError("targets", f"must be among {', '.join(TARGETS)}; got {t!r}")
+        if not targets:
+            raise OptionError("targets", f"must name at least one of {', '.join(TARGETS)}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "targets", targets)
 
 
 def option_fields(cls) -> list:

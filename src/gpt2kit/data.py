@@ -13,20 +13,20 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field as _field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from .blocks import TokenBlocks
+from .config import DataConfig
 from .errors import InputFileError, OptionError
 from .readers import _check_options, _existing, _folder_files, _kind, _open, _pieces
 
@@ -34,59 +34,6 @@ CACHE_VERSION = 1  # bump when the token files or manifest change meaning
 BATCH_CHARS = 1 << 17  # characters per encode_batch call: bounds the Python lists of ids
 BATCH_PIECES = 1024
 MIN_BLOCKS, MIN_BLOCK_SIZE = 4, 8
-ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the training text is and how to read and split it. The CLI builds flags from these fields."""
-
-    path: str = _field(metadata={
-        "help": "training text: a .txt file, a .csv/.tsv file, a .jsonl file or a folder of .txt files"})
-    column: str | None = _field(default=None, metadata={
-        "help": "CSV/TSV column holding the text (required when the file has several columns)"})
-    field: str | None = _field(default=None, metadata={
-        "help": "JSONL field holding the text (required when the objects have several fields)"})
-    line_by_line: bool = _field(default=False, metadata={
-        "help": "plain text: one document per non-empty line (default: one document per file)"})
-    encoding: str = _field(default="utf-8", metadata={
-        "help": "text encoding of the data files (default utf-8; a UTF-8 byte order mark is skipped)"})
-    encoding_errors: str = _field(default="strict", metadata={
-        "help": "bytes invalid in the encoding: strict (stop with an error), replace (with U+FFFD), "
-        "ignore or backslashreplace (default strict)"})
-    val_fraction: float = _field(default=0.05, metadata={
-        "help": "fraction of the documents held out for validation, in [0, 0.5]; 0 disables "
-        "(default 0.05; ignored with --val-file)"})
-    val_file: str | None = _field(default=None, metadata={
-        "help": "validation data, read like the training data (default: hold out --val-fraction)"})
-    block_size: int | None = _field(default=None, metadata={
-        "help": "tokens per training block (default: the model's context)"})
-    cache_dir: str | None = _field(default=None, metadata={
-        "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
-
-    def __post_init__(self):
-        for name in ("path", "column", "field", "val_file", "cache_dir"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                object.__setattr__(self, name, value := os.fspath(value))
-            if (value is not None or name == "path") and (not isinstance(value, str) or not value):
-                raise OptionError(name, f"must be a non-empty string, got {value!r}")
-        if not isinstance(self.line_by_line, bool):
-            raise OptionError("line_by_line", f"must be true or false, got {self.line_by_line!r}")
-        try:
-            codecs.lookup(self.encoding)
-        except (LookupError, TypeError):
-            raise OptionError("encoding", f"{self.encoding!r} is not a known encoding; "
-                              "e.g. utf-8, latin-1, cp1252, utf-16") from None
-        if self.encoding_errors not in ENCODING_ERRORS:
-            raise OptionError("encoding_errors", f"must be one of {', '.join(ENCODING_ERRORS)}; "
-                              f"got {self.encoding_errors!r}")
-        v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 0.5):
-            raise OptionError("val_fraction", f"must be a number in [0, 0.5], got {v!r}")
-        b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-            raise OptionError("block_size", f"must be an integer of at least 2, got {b!r}")
 
 
 @dataclass

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,12 +30,11 @@ from safetensors.torch import save_file
 
 from .checkpoints.hf import _listing
 from .checkpoints.weights import iter_tensors, read_json
-from .config import _finite, _integer
+from .config import TARGETS, LoraConfig
 from .errors import CheckpointError, OptionError
 from .model import GPT
 
 # Suffixes of the Linear modules inside each block; "c_proj" names both attn.c_proj and mlp.c_proj.
-TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PREFIX = "base_model.model."  # PEFT's path to the wrapped model inside a PeftModel
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # the .bin from PEFT < 0.7
@@ -48,39 +46,6 @@ PLAIN_LORA = {"use_dora": False, "use_rslora": False, "bias": "none", "lora_bias
 # Newer PEFT options of the same kind, refused when set but not written (older PEFT lacks them).
 REFUSED = {**PLAIN_LORA, "exclude_modules": None, "layer_replication": None, "target_parameters": None,
            "trainable_token_indices": None, "alora_invocation_tokens": None}
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """Low-rank adapters: which linear layers get one, its rank and its scale."""
-
-    rank: int = field(default=8, metadata={
-        "help": "rank r of each adapter's update B @ A (default 8)"})
-    alpha: float = field(default=16.0, metadata={
-        "help": "the update is scaled by alpha / rank (default 16)"})
-    dropout: float = field(default=0.05, metadata={
-        "help": "dropout on each adapter's input while training, in [0, 1) (default 0.05)"})
-    targets: tuple[str, ...] = field(default=("c_attn",), metadata={
-        "help": f"linear layers to adapt, by name: {', '.join(TARGETS)} (c_proj means both); "
-        "may be repeated or comma-separated (default c_attn)"})
-
-    def __post_init__(self):
-        if _integer("rank", self.rank) < 1:
-            raise OptionError("rank", f"must be at least 1, got {self.rank}")
-        if _finite("alpha", self.alpha) <= 0:
-            raise OptionError("alpha", f"must be greater than 0, got {self.alpha}")
-        if not 0 <= _finite("dropout", self.dropout) < 1:
-            raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
-        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
-        targets = tuple(dict.fromkeys(t.strip() if isinstance(t, str) else t for t in targets))
-        for t in targets:
-            if t not in TARGETS:
-                raise OptionError("targets", f"must be among {', '.join(TARGETS)}; got {t!r}")
-        if not targets:
-            raise OptionError("targets", f"must name at least one of {', '.join(TARGETS)}")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "targets", targets)
 
 
 class LoraLinear(nn.Module):
