@@ -1,4 +1,6 @@
-"""Every device and dtype decision in one place, so the CPU and CUDA paths cannot drift apart.
+"""Every device and dtype decision in one place, so the CPU and CUDA paths cannot drift apart:
+device and dtype resolution, the inference layout, training precision (autocast, loss scaling),
+gradient checkpointing and dropout, all applied from outside the model.
 
 "auto" means: CUDA when present, else CPU; bfloat16 on a CUDA device that supports it (float16 on
 older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it would only be slower).
@@ -6,9 +8,15 @@ older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it woul
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from dataclasses import replace
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .errors import DeviceError
+from .model import GPT, CausalSelfAttention
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,3 +111,44 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), self.weight, self.bias)
         return y.to_dense().view(*x.shape[:-1], self.out_features)
+
+
+# --- training: precision and memory trade-offs, applied from outside the model ---------------
+
+def precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to scale the loss). Weights and AdamW stay float32:
+    "auto" is plain float32 on CPU; bfloat16 autocast on CUDA, or float16 with loss scaling
+    where bfloat16 is unsupported (fp16's narrow range underflows small gradients)."""
+    if name == "auto":
+        name = "float32" if device.type == "cpu" else \
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    dtype = resolve_dtype(name, device)
+    return (None, False) if dtype == torch.float32 else (dtype, dtype == torch.float16)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Gradient checkpointing from outside the model: each block's forward (an instance
+    attribute shadowing Block.forward, so parameter names do not change) keeps only its input
+    and recomputes the rest in the backward pass, with the same dropout masks."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def _checkpointed(forward, *args):
+    if not torch.is_grad_enabled():  # evaluation and sampling run the block as it is
+        return forward(*args)
+    return checkpoint(forward, *args, use_reentrant=False)
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Set the model's dropout (embeddings, attention, residual), leaving LoRA's own alone."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = p
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = p
+    model.config = replace(model.config, dropout=p)
