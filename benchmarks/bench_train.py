@@ -1,0 +1,171 @@
+"""Training speed and memory: gpt2kit vs transformers on the same random GPT-2 weights, in one run.
+
+    python benchmarks/bench_train.py                     # 124M shape, batch 4 x 256 tokens, fp32 CPU
+    python benchmarks/bench_train.py --device cuda --dtype bfloat16
+
+One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
+same optimizer, parameter groups and loss for both engines; dropout 0.1, GPT-2's). gpt2kit runs
+its own training helpers (train.compute_loss, train_setup.make_optimizer); transformers runs
+GPT2LMHeadModel's forward. Each measurement is a fresh subprocess (so its peak resident memory,
+VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
+tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
+the same way. Finally the wall time of the seed's job, `gpt2kit finetune onelinefun.csv --column
+Joke -m gpt2 --epochs 10` (batch 8 x 1024 tokens), is estimated at the measured speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINES = ("gpt2kit", "transformers", "gpt2kit-lora")
+JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="gpt2", help="model shape preset (default gpt2 = 124M)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=256, help="input tokens per row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement, after 1 warm-up")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype on CUDA (weights stay float32)")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---- one measurement, in its own process ------------------------------------------------------
+
+def build(engine: str, folder: str, device):
+    import torch
+    if engine == "transformers":
+        import transformers
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).train()
+        return hf, lambda x: hf(input_ids=x).logits
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.lora import LoraConfig, apply_lora
+    model = load_model(folder, device, torch.float32).model
+    if engine == "gpt2kit-lora":
+        apply_lora(model, LoraConfig())
+    return model.train(), model
+
+
+def worker(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2kit.memory import process_peak_rss
+    from gpt2kit.train_config import TrainConfig
+    from gpt2kit.runtime import autocast
+    from gpt2kit.train_setup import make_optimizer
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, forward = build(args.worker, args.folder, device)
+    optimizer = make_optimizer(model, TrainConfig(out="-"), device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    half = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
+
+    def step():
+        with autocast(device, half):
+            logits = forward(x[:, :-1])  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates gradients and AdamW state
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_peak_rss()
+    trainable = sum(p.numel() for p in params)
+    return {"tokens_per_s": args.steps * args.batch_size * args.block_size / seconds,
+            "peak_bytes": peak, "trainable": trainable}
+
+
+# ---- the orchestration --------------------------------------------------------------------------
+
+def make_weights(size: str, folder: str) -> None:
+    import torch
+    import transformers
+
+    from gpt2kit.config import ModelConfig
+    shape = ModelConfig.preset(size)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                  n_positions=shape.n_positions)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+
+
+def measure(args, engine: str, folder: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder, "--device", args.device,
+           "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
+           "--steps", str(args.steps), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def seed_job(tokens_per_s: float) -> str:
+    """The seed's job at `tokens_per_s`: 10 epochs of onelinefun.csv's jokes, gpt2, batch 8 x 1024."""
+    from gpt2kit.data import DataConfig, prepare_data
+    from gpt2kit.tokenizer import Tokenizer
+    with tempfile.TemporaryDirectory() as cache:
+        data = prepare_data(DataConfig(path=str(JOKES), column="Joke", cache_dir=cache),
+                            Tokenizer.default(), 1024)
+    steps = math.ceil(10 * len(data.train) / 8)
+    seconds = steps * 8 * (data.block_size - 1) / tokens_per_s
+    return (f"seed job: onelinefun.csv, {data.documents:,} training jokes = {data.tokens:,} tokens = "
+            f"{len(data.train)} blocks of {data.block_size}; 10 epochs at batch 8 = {steps} steps; "
+            f"at {tokens_per_s:,.0f} tokens/s about {seconds / 60:.0f} min ({seconds / 3600:.1f} h)")
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    engines = args.engines.split(",")
+    results = {name: [] for name in engines}
+    with tempfile.TemporaryDirectory() as folder:
+        make_weights(args.size, folder)
+        for _ in range(args.repeats):
+            for name in engines:
+                results[name].append(measure(args, name, folder))
+    print(f"training step (forward + backward + clip + AdamW), {args.size} shape, random weights, "
+          f"batch {args.batch_size} x {args.block_size} tokens, {args.device} {args.dtype}, "
+          f"{args.threads} threads; median of {args.repeats} runs of {args.steps} steps (min-max)")
+    print("| engine | trainable params | tokens/s | peak memory |")
+    print("| --- | --- | --- | --- |")
+    for name, runs in results.items():
+        speeds = [r["tokens_per_s"] for r in runs]
+        peak = max(r["peak_bytes"] or 0 for r in runs) / 2**20
+        print(f"| {name} | {runs[0]['trainable'] / 1e6:.2f}M | {statistics.median(speeds):.0f} "
+              f"({min(speeds):.0f}-{max(speeds):.0f}) | {peak:,.0f} MB |")
+    median = {name: statistics.median(r["tokens_per_s"] for r in runs) for name, runs in results.items()}
+    if "gpt2kit" in median and "transformers" in median:
+        print(f"ratio gpt2kit / transformers: {median['gpt2kit'] / median['transformers']:.2f}x")
+    if "gpt2kit" in median and args.size == "gpt2":
+        print(seed_job(median["gpt2kit"]))
+
+
+if __name__ == "__main__":
+    main()
