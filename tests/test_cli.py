@@ -153,3 +153,41 @@ def test_eval_reports_loss_and_perplexity(tiny_folder, tiny_model, tmp_path):
 def test_eval_without_column_lists_the_columns(tiny_folder):
     r = run("eval", "-m", str(tiny_folder), str(JOKES))
     one_line_error(r, 1, "ID, Joke", "--column")
+
+
+def test_finetune_smoke_then_generate(tmp_path):
+    out = tmp_path / "run"
+    r = run("finetune", str(JOKES), "--column", "Joke", "--from-scratch", "--size", "tiny", "--out", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-every", "2",
+            "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    g = run("generate", "", "-m", str(out), "--max-new-tokens", "5", "--seed", "0")
+    assert g.returncode == 0, g.stderr
+    again = run("finetune", str(JOKES), "--column", "Joke", "--out", str(out))
+    one_line_error(again, again.returncode, "--resume")
+    assert again.returncode != 0
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--learning-rate", "0"], "--learning-rate must be greater than 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be greater than 0"),
+    (["--lora", "--lora-rank", "0"], "--lora-rank must be at least 1"),
+])
+def test_finetune_bad_options(flags, fragment, tmp_path, capsys):
+    code = main(["finetune", str(JOKES), "--column", "Joke", "--out", str(tmp_path / "r"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[-1], lines
+
+
+def test_finetune_bad_data(tmp_path):
+    r = run("finetune", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"))
+    one_line_error(r, 1, "missing.txt")
+    r = run("finetune", str(JOKES), "--out", str(tmp_path / "r2"))
+    one_line_error(r, r.returncode, "ID, Joke", "--column")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    r = run("finetune", str(JOKES), "--column", "Joke", "--out", str(other))
+    assert r.returncode != 0 and (other / "mine.txt").read_text() == "keep me"
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

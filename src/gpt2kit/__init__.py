@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import GenerationConfig, ModelConfig
+from .config import DataConfig, GenerationConfig, LoraConfig, ModelConfig
 from .errors import (CheckpointError, DeviceError, Gpt2kitError, HubError, OptionError,
                      PromptTooLong, TokenizerError)
 
@@ -22,9 +22,11 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "Completion": "generate", "TokenLogprob": "generate",
     "GPT": "model",
+    "finetune": "train", "RunResult": "train", "TrainingInterrupted": "train",
+    "TrainConfig": "train_config",
 }
 
-__all__ = ["GenerationConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",
+__all__ = ["DataConfig", "GenerationConfig", "LoraConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",
            "HubError", "OptionError", "PromptTooLong", "TokenizerError", *_LAZY]
 
 

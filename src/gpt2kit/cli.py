@@ -14,11 +14,13 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DataConfig, GenerationConfig, option_fields
+from .config import DataConfig, GenerationConfig, LoraConfig, option_fields
 from .errors import Gpt2kitError, InputFileError, OptionError
 
 # Fields whose flag is not simply --field-name (the CLI keeps the names users know).
 FLAGS = {"n": ("-n", "--num-samples"), "stop_at_eos": ("--ignore-eos",)}
+# OptionError fields that only LoRA's options have, shown with the CLI's --lora- prefix.
+ERROR_FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
 SEPARATOR = "=" * 20
 
 GENERATE_EXAMPLES = """examples:
@@ -37,38 +39,42 @@ class Parser(argparse.ArgumentParser):
 
 
 def flag_of(field_name: str) -> str:
+    if field_name in ERROR_FLAGS:
+        return ERROR_FLAGS[field_name]
     return FLAGS.get(field_name, ("--" + field_name.replace("_", "-"),))[-1]
 
 
 SCALARS = {"int": int, "float": float, "str": str}
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
-    """One flag per documented field of `cls`; unset flags stay None so the dataclass defaults
-    (documented once, in its help text) apply."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = (),
+                        prefix: str = "") -> None:
+    """One flag per documented field of `cls` (named --PREFIX-FIELD-NAME); unset flags stay None
+    so the dataclass defaults (documented once, in its help text) apply."""
     group = parser.add_argument_group(title)
     for f in option_fields(cls):
         if f.name in skip:
             continue
-        names = FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
+        dest = prefix + f.name
+        names = FLAGS.get(dest, ("--" + dest.replace("_", "-"),))
         kind = str(f.type).replace(" | None", "")
         if f.name == "stop_at_eos":
-            group.add_argument(*names, dest=f.name, action="store_false", default=None,
+            group.add_argument(*names, dest=dest, action="store_false", default=None,
                                help="keep generating past <|endoftext|> (default: stop there)")
         elif kind == "bool":
-            group.add_argument(*names, dest=f.name, action="store_true", default=None, help=f.metadata["help"])
+            group.add_argument(*names, dest=dest, action="store_true", default=None, help=f.metadata["help"])
         elif kind.startswith("tuple"):
-            group.add_argument(*names, dest=f.name, action="append", default=None, metavar="TEXT",
+            group.add_argument(*names, dest=dest, action="append", default=None, metavar="TEXT",
                                help=f.metadata["help"] + " (may be repeated)")
         else:
-            group.add_argument(*names, dest=f.name, type=SCALARS.get(kind, str), default=None,
+            group.add_argument(*names, dest=dest, type=SCALARS.get(kind, str), default=None,
                                metavar=f.name.upper(), help=f.metadata["help"])
 
 
-def options_for(cls, args: argparse.Namespace) -> dict:
+def options_for(cls, args: argparse.Namespace, prefix: str = "") -> dict:
     """The fields of `cls` given on the command line (flags left unset are omitted)."""
     return {f.name: tuple(v) if isinstance(v, list) else v
-            for f in fields(cls) if (v := getattr(args, f.name, None)) is not None}
+            for f in fields(cls) if (v := getattr(args, prefix + f.name, None)) is not None}
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -94,7 +100,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (run, configure, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary,
-                           epilog=GENERATE_EXAMPLES if name == "generate" else None,
+                           epilog=EXAMPLES.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         configure(p)
         p.set_defaults(run=run)
@@ -253,11 +259,53 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- finetune -------------------------------------------------------------------------------
+
+FINETUNE_EXAMPLES = """examples:
+  gpt2kit finetune ../shared/data/onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
+  gpt2kit finetune data.txt --out runs/x --resume          # continue after a crash or Ctrl-C
+  gpt2kit finetune data.jsonl --field text --lora --out runs/y
+  gpt2kit finetune corpus.txt --from-scratch --size tiny --out runs/t
+  torchrun --nproc_per_node=2 -m gpt2kit finetune data.txt --out runs/ddp
+"""
+
+
+def configure_finetune(p: argparse.ArgumentParser) -> None:
+    from .train_config import TrainConfig
+    p.add_argument("data", nargs="?", default=None,
+                   help="training text: .txt, .csv/.tsv (with --column), .jsonl (with --field) or a "
+                   "folder of .txt files (optional with --resume: the run's data is reused)")
+    p.add_argument("-m", "--model", default=None, help="model to start from: hub id, folder or weights "
+                   "file (default gpt2; with --resume, the run's)")
+    add_dataclass_flags(p, TrainConfig, "training options")
+    add_dataclass_flags(p, DataConfig, "data options", skip=("path", "block_size"))
+    add_dataclass_flags(p, LoraConfig, "LoRA options (with --lora)", prefix="lora_")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .train import finetune
+    from .train_config import TrainConfig
+    data_options = options_for(DataConfig, args)
+    data = DataConfig(path=args.data, **data_options) if args.data else None
+    if data_options and data is None:
+        raise OptionError("data", "options need the data file: repeat its path with --resume")
+    lora_options = options_for(LoraConfig, args, prefix="lora_")
+    lora = LoraConfig(**lora_options) if lora_options else None
+    result = finetune(data, args.model, lora=lora, progress=True, **options_for(TrainConfig, args))
+    print(f"{result.status}: {result.steps} steps; model saved in {result.out} "
+          f"(gpt2kit generate -m {result.out} ...)", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "generate": (run_generate, configure_generate, "continue prompts with a GPT-2 model"),
     "info": (run_info, configure_info, "describe a model: architecture, size, dtype, tokenizer, source"),
+    "finetune": (run_finetune, configure_finetune, "fine-tune GPT-2 on your text (or train one from scratch)"),
     "eval": (run_eval, configure_eval, "token-level loss and perplexity of a model on a file"),
 }
+
+
+EXAMPLES = {"generate": GENERATE_EXAMPLES, "finetune": FINETUNE_EXAMPLES}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,29 @@ class LoadedModel:
     weights_dtype: str  # the dtype stored in the file ("float32", "bfloat16+float32" when mixed)
 
 
+def is_adapter_folder(path: Path) -> bool:
+    """A LoRA run or PEFT adapter folder: adapter files and no full weights of its own."""
+    from .weights import WEIGHT_NAMES
+    return path.is_dir() and (path / "adapter_config.json").is_file() and \
+        not any((path / name).is_file() for name in WEIGHT_NAMES)
+
+
+def load_adapter_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The base model named in adapter_config.json with the adapter merged into its weights."""
+    from ..lora import load_adapter, merge_lora
+    from .weights import read_json
+    base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{folder / 'adapter_config.json'} does not name its base model "
+                              "(base_model_name_or_path); cannot load the adapter")
+    loaded = load_model(base, device, dtype)
+    merge_lora(load_adapter(loaded.model, folder))
+    return LoadedModel(model=loaded.model.eval(), config=loaded.config, folder=folder,
+                       source=f"LoRA adapter: {folder} merged into {loaded.source}",
+                       weights_file=str(folder / "adapter_model.safetensors"),
+                       weights_dtype=loaded.weights_dtype)
+
+
 def load_model(spec: str, device: torch.device, dtype: torch.dtype, *,
                revision: str | None = None) -> LoadedModel:
     """Load `spec`: an existing folder or weights file, else a Hugging Face hub id (`gpt2`,
@@ -39,6 +62,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, *,
         if revision is not None:
             raise CheckpointError(f"a revision ({revision}) applies only to hub model ids, not to "
                                   f"the local path {target}")
+        if is_adapter_folder(target):
+            return load_adapter_folder(target, device, dtype)
         model, weights, stored = load_checkpoint(target, device, dtype)
         folder = target if target.is_dir() else target.parent
         source = (f"folder: {target} ({weights.relative_to(target)})" if target.is_dir()
