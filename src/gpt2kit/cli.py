@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -200,12 +199,10 @@ def write_samples(path: Path, prompts: list[str], completions) -> None:
         }, ensure_ascii=False) + "\n" for c in completions)
     else:
         body = f"\n{SEPARATOR}\n".join(prompts[c.prompt_index] + c.text for c in completions) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
+    from .atomic import write_atomically
     try:
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputFileError(f"cannot write {path}: {e.strerror}") from None
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 
 from .checkpoints.hf import _listing
 from .checkpoints.weights import iter_tensors, read_json
+from .atomic import write_atomically
 from .config import TARGETS, LoraConfig
 from .errors import CheckpointError, OptionError
 from .model import GPT
@@ -171,9 +170,9 @@ def save_adapter(model: GPT, cfg: LoraConfig, folder: str | Path, base: str) -> 
     state = lora_state_dict(model)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / WEIGHTS_FILES[0], lambda p: save_file(state, p, metadata={"format": "pt"}))
+        write_atomically(folder / WEIGHTS_FILES[0], lambda p: save_file(state, p, metadata={"format": "pt"}))
         text = json.dumps(peft_config(cfg, base), indent=2, sort_keys=True) + "\n"
-        _write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(text))
+        write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(text))
     except OSError as e:
         raise CheckpointError(f"could not save the adapter to {folder}: {e.strerror or e}") from None
 
@@ -259,13 +258,3 @@ def _check_matches(model: GPT, cfg: LoraConfig) -> None:
                           "made with; pass the LoraConfig given to apply_lora()")
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp)` beside `path`, flushed to disk, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomically
 from .checkpoints.hf import _fsync_tree
 from .errors import CheckpointError, Gpt2kitError
 
@@ -234,18 +235,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 # ---- files ---------------------------------------------------------------------------------
-
-def write_atomically(path: Path, write) -> None:
-    """`write(tmp)` beside `path`, flushed to disk, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
