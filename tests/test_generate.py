@@ -1,7 +1,5 @@
 """Generation: greedy parity with transformers, seeds, stops, lengths, streaming, logprobs."""
 
-import copy
-
 import pytest
 import torch
 
@@ -88,19 +86,18 @@ def test_split_stop_holds_back_partial_matches():
     assert split_stop("xx", ("yz", "xxy")) == ("", False)
 
 
-def eos_loving(model):
-    """A copy of `model` whose every next-token distribution is dominated by <|endoftext|>."""
-    m = copy.copy(model)
-    m.module = copy.deepcopy(model.module)
+def eos_loving(folder):
+    """A fresh load of `folder` whose every next-token distribution is dominated by <|endoftext|>."""
+    m = gpt2kit.load(folder, device="cpu")
     ln_f = m.module.transformer.ln_f
     with torch.no_grad():
         ln_f.weight.zero_()
-        ln_f.bias.copy_(m.module.transformer.wte.weight[model.tokenizer.eos_id] * 1e4)
+        ln_f.bias.copy_(m.module.transformer.wte.weight[m.tokenizer.eos_id] * 1e4)
     return m
 
 
-def test_stops_at_eos_unless_told_not_to(tiny_model):
-    m = eos_loving(tiny_model)
+def test_stops_at_eos_unless_told_not_to(tiny_folder):
+    m = eos_loving(tiny_folder)
     [c] = m.complete("Hi", max_new_tokens=10, seed=0)
     assert c.finish_reason == "stop" and c.token_ids == [] and c.text == ""
     [c] = m.complete("Hi", max_new_tokens=10, seed=0, min_new_tokens=4)

@@ -100,13 +100,12 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.out_features = linear.out_features
-        self.register_buffer("weight", torch._C._nn.mkldnn_reorder_linear_weight(linear.weight.detach()))
+        self.register_buffer("weight", linear.weight.detach().to_mkldnn())
         self.register_buffer("bias", linear.bias.detach().to_mkldnn())
 
     @staticmethod
     def available() -> bool:
-        return torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear") \
-            and hasattr(torch._C._nn, "mkldnn_reorder_linear_weight")
+        return torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), self.weight, self.bias)
