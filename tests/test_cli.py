@@ -46,6 +46,16 @@ def test_prompts_file_to_jsonl(tiny_folder, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["prompt"] for row in rows] == ["first prompt"] * 2 + ["second prompt"] * 2
     assert all(row["finish_reason"] in ("stop", "length") for row in rows)
+    assert "logprobs" not in rows[0]
+
+
+def test_logprobs_written_to_jsonl(tiny_folder, tmp_path):
+    out = tmp_path / "lp.jsonl"
+    r = run("generate", "Hello", "-m", str(tiny_folder), "--output", str(out), "--max-new-tokens", "4",
+            "--temperature", "0", "--ignore-eos", "--logprobs", "2")
+    assert r.returncode == 0, r.stderr
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["logprobs"]) == 4 and all(len(lp["top"]) <= 2 and lp["logprob"] <= 0 for lp in row["logprobs"])
 
 
 def test_stdin_stream(tiny_folder):

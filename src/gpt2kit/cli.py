@@ -196,6 +196,9 @@ def write_samples(path: Path, prompts: list[str], completions) -> None:
             "prompt": prompts[c.prompt_index], "text": c.text, "prompt_index": c.prompt_index,
             "sample_index": c.sample_index, "finish_reason": c.finish_reason,
             "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids),
+            **({} if c.logprobs is None else {"logprobs": [
+                {"token": lp.token, "logprob": lp.logprob,
+                 "top": {tok: v for _, tok, v in lp.top}} for lp in c.logprobs]}),
         }, ensure_ascii=False) + "\n" for c in completions)
     else:
         body = f"\n{SEPARATOR}\n".join(prompts[c.prompt_index] + c.text for c in completions) + "\n"
