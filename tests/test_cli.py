@@ -77,7 +77,8 @@ def test_info(tiny_folder):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--temperature", "-1"], "--temperature must be at least 0, got -1"),
+    (["--temperature", "-1"], "--temperature must be in [0, 2], got -1"),
+    (["--temperature", "0", "-n", "3"], "--num-samples must be 1 with greedy decoding"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-k", "-3"], "--top-k must be at least 0"),

@@ -87,7 +87,8 @@ class GenerationConfig:
     min_new_tokens: int = field(default=0, metadata={
         "help": "suppress <|endoftext|> until this many tokens were generated (default 0)"})
     temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature; 0 means greedy (always the most likely token) (default 1.0)"})
+        "help": "sampling temperature in [0, 2]; 0 means greedy (always the most likely token); tiny "
+        "values behave like greedy (default 1.0)"})
     top_k: int = field(default=50, metadata={
         "help": "sample only from the k most likely tokens; 0 disables (default 50)"})
     top_p: float = field(default=1.0, metadata={
@@ -124,8 +125,8 @@ class GenerationConfig:
             raise OptionError("max_new_tokens", "or max_length must be set")
         if _integer("min_new_tokens", self.min_new_tokens) < 0:
             raise OptionError("min_new_tokens", f"must be at least 0, got {self.min_new_tokens}")
-        if _finite("temperature", self.temperature) < 0:
-            raise OptionError("temperature", f"must be at least 0, got {self.temperature}")
+        if not 0 <= _finite("temperature", self.temperature) <= 2:
+            raise OptionError("temperature", f"must be in [0, 2], got {self.temperature}")
         if _integer("top_k", self.top_k) < 0:
             raise OptionError("top_k", f"must be at least 0 (0 disables it), got {self.top_k}")
         if not 0 < _finite("top_p", self.top_p) <= 1:
@@ -139,6 +140,9 @@ class GenerationConfig:
                 raise OptionError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if _integer("n", self.n) < 1:
             raise OptionError("n", f"must be at least 1, got {self.n}")
+        if self.n > 1 and self.greedy:
+            raise OptionError("n", f"must be 1 with greedy decoding (temperature 0), got {self.n}: "
+                              "every sample would be the same text")
         if self.seed is not None and not 0 <= _integer("seed", self.seed) < 2**63:
             raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
         if isinstance(self.stop, str):

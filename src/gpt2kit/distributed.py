@@ -1,7 +1,9 @@
-"""Data-parallel training under torchrun: process-group setup and teardown, the DDP wrapper, and
-the few collective operations the training loop needs.
+"""Data-parallel training under torchrun: process-group setup and teardown, the DDP and FSDP
+wrappers, the whole-model state of a sharded model, and the few collective operations the
+training loop needs.
 
     torchrun --nproc_per_node=2 -m gpt2kit finetune data.txt --out runs/x
+    torchrun --nproc_per_node=2 -m gpt2kit finetune data.txt --out runs/x --fsdp
 
 torchrun describes the job to each process through environment variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT): that is its protocol, so they are read here and nowhere else.
@@ -11,6 +13,13 @@ Each optimizer step still sees batch_size x grad_accum blocks, whatever the numb
 every micro-batch is split into equal contiguous shares, one per process (`share`), and DDP
 averages the gradients. So N processes train the same model as one process would, only faster.
 Rank 0 alone logs, evaluates, samples and saves.
+
+With --fsdp (FSDP2, `fully_shard`: one shard group per transformer block, then the root) each
+process holds 1/N of the weights, gradients and AdamW state, and gathers one block's weights at a
+time for its forward and backward. The run folder stays the same: for evaluation, samples and
+checkpoints, every process takes part in gathering the whole state on rank 0 (`full_copy`,
+`optimizer_state`), which then works on a plain GPT as without FSDP. The optimizer state is saved
+in the usual `optimizer.state_dict()` layout, so a checkpoint resumes with or without --fsdp.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import OptionError
+from .errors import CheckpointError, OptionError
+from .model import GPT
 
 
 @dataclass(frozen=True)
@@ -78,12 +88,94 @@ def check_batch(world: World, batch_size: int) -> None:
                           f"processes ({world.world_size}): each takes an equal share of every batch")
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel over `model` when there are several processes, else `model`."""
+def wrap(model: GPT, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """With several processes: DistributedDataParallel over `model`, or with `fsdp` the model
+    itself, sharded in place (the optimizer must be made afterwards, over the shards).
+    Otherwise `model` as it is."""
     if not world.distributed:
         return model
+    if fsdp:
+        return shard(model, world, device)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(model: GPT, world: World, device: torch.device) -> GPT:
+    """FSDP2 over the loaded model: each block its own group (gathered for its forward, freed
+    after, gathered again for its backward), then the root for the rest (embeddings with the tied
+    head, ln_f). Every process loaded the whole model first and keeps its 1/N here. Gradients are
+    reduce-scattered at every micro-step rather than held whole until the last (`no_sync`):
+    sharded gradients are the memory FSDP is for."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world.world_size,))  # explicit: a CPU run on a GPU host
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def _whole(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **options)
+
+
+def full_copy(model: GPT, world: World, device: torch.device) -> GPT | None:
+    """On rank 0, a plain GPT with a sharded model's weights, on `device`; None on the others.
+    Every process must call it (the weights are gathered). Needs room for one whole float32 copy
+    of the weights on rank 0, a quarter of what unsharded training needs."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    state = get_model_state_dict(model, options=_whole(cpu_offload=True))  # {} except on rank 0
+    if not world.is_main:
+        return None
+    with torch.device("meta"):
+        copy = GPT(model.config)
+    result = copy.load_state_dict(state, strict=False, assign=True)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys, result
+    copy.tie_weights()
+    return copy.to(device).train(model.training)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()`; for a sharded model gathered whole on rank 0 ({} elsewhere, and
+    every process must call it), with the parameters numbered as the unsharded optimizer does."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer, options=_whole(cpu_offload=True))
+    if not state:
+        return {}
+    number = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return {"state": {number[name]: s for name, s in state["state"].items()},
+            "param_groups": [{**g, "params": [number[name] for name in g["params"]]}
+                             for g in state["param_groups"]]}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a (whole) `optimizer_state` into `optimizer`, each process keeping its own shards."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    names = _parameter_names(model, optimizer)
+    try:
+        state = {"state": {names[i]: s for i, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                  for g in state["param_groups"]]}
+    except (KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"the optimizer state does not match this model ({e!r})") from None
+    set_optimizer_state_dict(model, optimizer, state, options=_whole())
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order state_dict() numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def share(world: World, rows: int) -> slice:

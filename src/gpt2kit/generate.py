@@ -1,8 +1,9 @@
 """Generation: prefill the prompts once, then decode one token per step against a KV cache.
 
 `generate_events` is a generator of text events, so streaming and batch generation are the same
-code. Prompts of different lengths share a batch through left padding (the model hides padded
-keys and starts each row's positions after its padding). Stop rules live here, not in the model
+code, and `step` is one decoding step over a `RunningBatch`, which the server's scheduler drives
+with requests joining and leaving (each row carries its own options). Prompts of different
+lengths share a batch through left padding (see running_batch.py). Stop rules live here, not in the model
 or the sampler: <|endoftext|>, stop strings (text that might still become a stop string is held
 back, never emitted then retracted) and the token budget. A finished row leaves the batch at once.
 Each row samples from its own generator, seeded from (seed, sample index), so a prompt's text
@@ -21,8 +22,8 @@ import torch
 from . import sampling
 from .config import GenerationConfig
 from .errors import PromptTooLong
-from .kv_cache import KVCache
 from .model import GPT
+from .running_batch import RunningBatch
 from .runtime import make_generator
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -61,22 +62,30 @@ class Event:
     row: int
     text: str
     completion: Completion | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens accepted since the row's last event
 
 
 @dataclass(eq=False)
-class _Row:
-    index: int  # position in the caller's list of prompts
+class Row:
+    """One sequence being generated: its prompt, options, random stream and text so far."""
+
+    index: int  # the caller's number for it (the `row` of its events)
     prompt: list[int]
+    cfg: GenerationConfig
     budget: int
     generator: torch.Generator | None
     decoder: StreamDecoder
-    prompt_index: int
-    sample_index: int
+    prompt_index: int = 0
+    sample_index: int = 0
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # emitted so far
     pending: str = ""  # decoded but held back: it may be the start of a stop string
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    reported: int = 0  # logprobs already handed out with events
+
+    def context(self, keep: int) -> list[int]:
+        return (self.prompt + self.tokens)[-keep:]
 
 
 def sample_seed(seed: int, sample_index: int) -> int:
@@ -87,84 +96,102 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationConfig, n_ctx: int,
+              device: torch.device, sample_indices: list[int] | None = None,
+              prompt_indices: list[int] | None = None, first_index: int = 0) -> list[Row]:
+    """One row per entry of `prompts` (token ids; empty means "start from <|endoftext|>")."""
+    for ids in prompts:
+        if len(ids) >= n_ctx:
+            raise PromptTooLong(len(ids), n_ctx)
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+    sample_indices = sample_indices or [0] * len(prompts)
+    prompt_indices = prompt_indices or list(range(len(prompts)))
+    return [
+        Row(index=first_index + k, prompt=list(ids) or [tokenizer.eos_id], cfg=cfg,
+            budget=cfg.new_tokens_for(len(ids)),
+            generator=None if cfg.greedy else make_generator(sample_seed(seed, j), device),
+            decoder=tokenizer.stream_decoder(), prompt_index=i, sample_index=j,
+            logprobs=[] if cfg.logprobs is not None else None)
+        for k, (ids, i, j) in enumerate(zip(prompts, prompt_indices, sample_indices))
+    ]
+
+
 def generate_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
                     cfg: GenerationConfig, sample_indices: list[int] | None = None,
                     prompt_indices: list[int] | None = None) -> Iterator[Event]:
     """Generate one continuation per entry of `prompts` (token ids), yielding text as it is final."""
     n_ctx = model.config.n_positions
-    for ids in prompts:
-        if len(ids) >= n_ctx:
-            raise PromptTooLong(len(ids), n_ctx)
     device = next(model.parameters()).device
-    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
-    sample_indices = sample_indices or [0] * len(prompts)
-    prompt_indices = prompt_indices or list(range(len(prompts)))
-    rows = [
-        _Row(index=k, prompt=list(ids) or [tokenizer.eos_id], budget=cfg.new_tokens_for(len(ids)),
-             generator=None if cfg.greedy else make_generator(sample_seed(seed, j), device),
-             decoder=tokenizer.stream_decoder(), prompt_index=i, sample_index=j,
-             logprobs=[] if cfg.logprobs is not None else None)
-        for k, (ids, i, j) in enumerate(zip(prompts, prompt_indices, sample_indices))
-    ]
+    rows = make_rows(tokenizer, prompts, cfg, n_ctx, device, sample_indices, prompt_indices)
+    # The cache holds no more than the longest prompt plus the largest budget.
+    need = max(len(row.prompt) for row in rows) + max(row.budget for row in rows)
     with torch.inference_mode():
-        yield from _decode(model, tokenizer, rows, cfg)
+        batch = RunningBatch(model, len(rows), max_len=min(n_ctx, need))
+        batch.join(rows, [row.prompt for row in rows])
+        while batch.rows:
+            yield from step(batch, tokenizer)
 
 
-def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], cfg: GenerationConfig) -> Iterator[Event]:
-    active = list(rows)
-    cache, pad, start, logits = _prefill(model, active, cfg)
-    while active:
-        logits = logits[:, -1, :].float()  # (B, V)
-        tokens = _choose(logits, active, cfg, tokenizer.eos_id)
-        for r, row in enumerate(active):
-            events = _accept(row, int(tokens[r]), logits[r], cfg, tokenizer)
-            yield from (Event(row.index, text, done) for text, done in events)
-        keep = [r for r, row in enumerate(active) if row.finish_reason is None]
-        if not keep:
-            return
-        if len(keep) < len(active):
-            active = [active[r] for r in keep]
-            index = torch.tensor(keep, device=tokens.device)
-            cache.select(index)
-            tokens, pad = tokens[index], None if pad is None else pad[index]
-        if start == cache.max_len:  # past the context window: slide it and re-read the text
-            cache, pad, start, logits = _prefill(model, active, cfg, slide=True)
-            continue
-        logits = model(tokens[:, None], start, cache, pad, last_only=True)
-        start += 1
+def step(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
+    """One token for every row of a running batch: choose, apply the stop rules, let finished
+    rows leave, and feed the rest (re-reading the last part of any row that filled the window)."""
+    rows = list(batch.rows)
+    tokens = _choose(batch.logits, rows, tokenizer.eos_id)
+    events = []
+    for r, row in enumerate(rows):
+        events += [Event(row.index, text, done, _new_logprobs(row))
+                   for text, done in _accept(row, int(tokens[r]), batch.logits[r], tokenizer)]
+    batch.leave([row for row in rows if row.finish_reason is not None])
+    slide = batch.make_room()
+    if batch.rows:
+        batch.decode([row.tokens[-1] for row in batch.rows])
+    if slide:
+        keep = max(1, int(batch.model.config.n_positions * SLIDE_KEEP))
+        batch.join(slide, [row.context(keep) for row in slide])
+    return events
 
 
-def _prefill(model: GPT, rows: list[_Row], cfg: GenerationConfig, slide: bool = False):
-    """Run the (left-padded) contexts through the model; return cache, pad, next slot, logits."""
-    n_ctx = model.config.n_positions
-    keep = max(1, int(n_ctx * SLIDE_KEEP)) if slide else n_ctx
-    contexts = [(row.prompt + row.tokens)[-keep:] for row in rows]
-    length = max(len(c) for c in contexts)
-    room = max(row.budget - len(row.tokens) for row in rows)
-    device = next(model.parameters()).device
-    pads = [length - len(c) for c in contexts]
-    idx = torch.tensor([[0] * p + c for p, c in zip(pads, contexts)], device=device)
-    pad = torch.tensor(pads, device=device) if any(pads) else None
-    cache = KVCache.for_model(model, len(rows), max_len=min(n_ctx, length + room))
-    logits = model(idx, 0, cache, pad, last_only=True)
-    return cache, pad, length, logits
+def _new_logprobs(row: Row) -> list[TokenLogprob] | None:
+    if row.logprobs is None:
+        return None
+    new, row.reported = row.logprobs[row.reported:], len(row.logprobs)
+    return new
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig, eos_id: int) -> torch.Tensor:
-    """Next token for each active row, with <|endoftext|> banned until min_new_tokens."""
-    if cfg.min_new_tokens and cfg.stop_at_eos:
-        early = torch.tensor([len(row.tokens) < cfg.min_new_tokens for row in rows], device=logits.device)
-        if early.any():
-            ban = torch.zeros_like(logits, dtype=torch.bool)
-            ban[:, eos_id] = early
-            logits = logits.masked_fill(ban, sampling.NEG_INF)
+def _choose(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
+    """Next token for each row (B,): rows with the same sampling settings are processed together."""
+    logits = _ban_early_eos(logits, rows, eos_id)
+    groups: dict[tuple, list[int]] = {}
+    for r, row in enumerate(rows):
+        groups.setdefault(sampling.settings_key(row.cfg), []).append(r)
+    if len(groups) == 1:
+        return _choose_group(logits, rows)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for members in groups.values():
+        index = torch.tensor(members, device=logits.device)
+        tokens[index] = _choose_group(logits[index], [rows[r] for r in members])
+    return tokens
+
+
+def _choose_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    cfg = rows[0].cfg
     seen = counts = None
     if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
         seen, counts = _history(rows, logits)
     return sampling.choose(logits, cfg, [row.generator for row in rows], seen, counts)
 
 
-def _history(rows: list[_Row], logits: torch.Tensor):
+def _ban_early_eos(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
+    """<|endoftext|> is banned for rows that have not yet generated min_new_tokens."""
+    early = [row.cfg.stop_at_eos and len(row.tokens) < row.cfg.min_new_tokens for row in rows]
+    if not any(early):
+        return logits
+    ban = torch.zeros_like(logits, dtype=torch.bool)
+    ban[:, eos_id] = torch.tensor(early, device=logits.device)
+    return logits.masked_fill(ban, sampling.NEG_INF)
+
+
+def _history(rows: list[Row], logits: torch.Tensor):
     """(seen, counts): tokens in each row's prompt or output (bool), and output-token counts."""
     seen = torch.zeros_like(logits, dtype=torch.bool)
     counts = torch.zeros_like(logits)
@@ -176,9 +203,10 @@ def _history(rows: list[_Row], logits: torch.Tensor):
     return seen, counts
 
 
-def _accept(row: _Row, token: int, logits: torch.Tensor, cfg: GenerationConfig,
+def _accept(row: Row, token: int, logits: torch.Tensor,
             tokenizer: Tokenizer) -> list[tuple[str, Completion | None]]:
     """Add one token to a row, apply the stop rules; return the (text, completion) events."""
+    cfg = row.cfg
     if cfg.stop_at_eos and token == tokenizer.eos_id:
         return [_finish(row, "stop", row.pending + row.decoder.flush())]
     row.tokens.append(token)
@@ -195,7 +223,7 @@ def _accept(row: _Row, token: int, logits: torch.Tensor, cfg: GenerationConfig,
     return [(emit, None)] if emit else []
 
 
-def _finish(row: _Row, reason: str, tail: str) -> tuple[str, Completion]:
+def _finish(row: Row, reason: str, tail: str) -> tuple[str, Completion]:
     """End a row: `tail` is its last piece of text."""
     row.text += tail
     row.pending = ""

@@ -46,3 +46,21 @@ class KVCache:
         """Keep only the batch rows in `rows` (e.g. after some sequences finished)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
+
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """Batch rows lo..hi-1 as a cache sharing this one's storage: writes to it land here."""
+        view = object.__new__(KVCache)
+        view.k = [t[lo:hi] for t in self.k]
+        view.v = [t[lo:hi] for t in self.v]
+        view.max_len = self.max_len
+        return view
+
+    def move_slots(self, rows: int, src: int, dst: int, length: int) -> None:
+        """Move slots src..src+length-1 to dst..dst+length-1 in the first `rows` batch rows."""
+        for t in self.k + self.v:
+            t[:rows, :, dst:dst + length] = t[:rows, :, src:src + length].clone()
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy batch row `src` over row `dst` (its first `length` slots)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]

@@ -12,6 +12,10 @@ The estimate counts what a training step holds at its peak (the end of the forwa
   four float32 copies of the (T, V) logits: the logits, log-softmax, and their gradients.
   With gradient checkpointing only each block's input is kept, plus one block being recomputed.
 
+Under FSDP with N processes, weights, gradients and AdamW state are 1/N each, plus what is
+gathered whole at a time: the root's parameters (embeddings, ln_f) and two blocks' (the one
+running and the one prefetched), with their gradients in the backward pass.
+
 Calibrated against peak RSS on CPU (torch 2.13, fp32, GPT-2 124M and the "tiny" preset, batch
 2-8, T 256-1024): within about 25 percent, erring high except with gradient checkpointing.
 """
@@ -59,9 +63,9 @@ def gb(n: int) -> str:
 
 def estimate(cfg: ModelConfig, n_params: int, n_trainable: int, micro_batch: int, block_size: int,
              grad_checkpointing: bool = False, dropout: float = 0.0,
-             activation_bytes: int = 4) -> MemoryEstimate:
+             activation_bytes: int = 4, shards: int = 1) -> MemoryEstimate:
     """Peak bytes of one process training `n_trainable` of `n_params` parameters on micro-batches
-    of `micro_batch` x `block_size` tokens."""
+    of `micro_batch` x `block_size` tokens, its state sharded `shards` ways (FSDP)."""
     tokens = micro_batch * block_size
     block = tokens * cfg.n_embd * ACTIVATIONS_PER_BLOCK * activation_bytes
     if dropout > 0:  # scores, probabilities, dropped probabilities (dtype) and the mask (1 byte)
@@ -71,8 +75,13 @@ def estimate(cfg: ModelConfig, n_params: int, n_trainable: int, micro_batch: int
     else:
         blocks = cfg.n_layer * block
     logits = tokens * cfg.vocab_size * 4 * LOGIT_COPIES
-    return MemoryEstimate(weights=4 * n_params, gradients=4 * n_trainable,
-                          optimizer=8 * n_trainable, activations=blocks + logits)
+    gathered = 0
+    if shards > 1:
+        C = cfg.n_embd
+        gathered = (cfg.vocab_size + cfg.n_positions + 2) * C + 2 * (12 * C * C + 13 * C)
+    return MemoryEstimate(weights=4 * (n_params // shards + gathered),
+                          gradients=4 * (n_trainable // shards + gathered),
+                          optimizer=8 * n_trainable // shards, activations=blocks + logits)
 
 
 def available_memory(device: torch.device) -> int | None:

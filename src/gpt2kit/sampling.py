@@ -70,6 +70,12 @@ def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def settings_key(cfg: GenerationConfig) -> tuple:
+    """The options `process` reads: rows with equal keys can be processed as one batch."""
+    return (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty,
+            cfg.presence_penalty, cfg.frequency_penalty)
+
+
 def process(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
             counts: torch.Tensor | None = None) -> torch.Tensor:
     """The whole chain, in the documented order. Greedy decoding (temperature 0) keeps the

@@ -35,6 +35,7 @@ from .errors import Gpt2kitError
 from .evaluate import evaluate_blocks
 from .lora import LoraConfig, merge_lora, save_adapter
 from .memorization import CopyDetector, write_samples
+from .model import GPT
 from .runs import METRICS, Run, capture_rng
 from .train_config import TrainConfig
 from .runtime import autocast, precision, resolve_device
@@ -115,8 +116,8 @@ def setup(job: Job, progress: bool) -> None:
     job.autocast_dtype, scaling = precision(job.cfg.dtype, job.device)
     job.scaler = torch.amp.GradScaler(job.device.type) if scaling else None
     check_memory(job)
-    job.optimizer = make_optimizer(job.model, job.cfg, job.device)
-    job.net = distributed.wrap(job.model, job.world, job.device)
+    job.net = distributed.wrap(job.model, job.world, job.device, job.cfg.fsdp)
+    job.optimizer = make_optimizer(job.model, job.cfg, job.device)  # after FSDP: over the shards
     if job.cfg.compile:  # DDP first, then compile: TorchDynamo then splits the graph at DDP's buckets
         job.net = torch.compile(job.net)
     if job.plan.resume_from is not None:
@@ -152,6 +153,7 @@ def train(job: Job, stop: StopSignals) -> RunResult:
         if not last and distributed.any_process(job.world, stop.signum is not None, job.device):
             save(job)
             raise TrainingInterrupted(job.step, job.last_checkpoint, stop.signum, result(job, "interrupted"))
+        job.gathered = None  # FSDP: rank 0's whole copy of the weights is not kept while training
     finish(job)
     return result(job, "completed")
 
@@ -260,9 +262,9 @@ def log_step(job: Job, loss: float, lr: float, grad_norm: float, seconds: float)
 
 def evaluate(job: Job) -> None:
     """Validation loss and perplexity (rank 0, at most eval_batches batches), and loss.png."""
-    if not job.world.is_main or job.data.val is None:
+    if job.data.val is None or (model := plain_model(job)) is None:
         return
-    loss, ppl = evaluate_blocks(job.model, job.data.val, job.cfg.batch_size, job.cfg.eval_batches)
+    loss, ppl = evaluate_blocks(model, job.data.val, job.cfg.batch_size, job.cfg.eval_batches)
     job.val_losses.append([job.step, loss])
     record = {"step": job.step, "val_loss": loss, "val_ppl": ppl}
     job.run.append(METRICS, record)
@@ -272,18 +274,31 @@ def evaluate(job: Job) -> None:
 
 def sample(job: Job) -> None:
     """Three short samples from an empty prompt, written to samples.jsonl (rank 0)."""
-    if job.world.is_main:
-        for record in write_samples(job.model, job.tokenizer, job.run, job.step, job.cfg.seed, job.copies):
+    if (model := plain_model(job)) is not None:
+        for record in write_samples(model, job.tokenizer, job.run, job.step, job.cfg.seed, job.copies):
             job.emit({"event": "sample", **record})
+
+
+def plain_model(job: Job) -> GPT | None:
+    """The model as one plain module on rank 0, None on the others. Under FSDP a copy gathered
+    from the shards, once per step (every process must call this: the gather is collective)."""
+    if not distributed.is_sharded(job.model):
+        return job.model if job.world.is_main else None
+    if job.gathered is None or job.gathered[0] != job.step:
+        job.gathered = None  # free the old copy before gathering the new one
+        job.gathered = (job.step, distributed.full_copy(job.model, job.world, job.device))
+    return job.gathered[1]
 
 
 def save(job: Job) -> None:
     """A checkpoint of this step (once), made the run folder's model, old ones pruned (rank 0)."""
     if job.saved_step == job.step:
         return
+    model = plain_model(job)  # under FSDP these two gather on every process
+    optimizer = distributed.optimizer_state(job.model, job.optimizer)
     if job.world.is_main:
         rng, rng_json = capture_rng()
-        folder = job.run.save(job.step, lambda p: write_model(job, p), job.optimizer.state_dict(),
+        folder = job.run.save(job.step, lambda p: write_model(job, model, p), optimizer,
                               rng, trainer_state(job, rng_json))
         job.run.publish(folder)
         job.run.prune(job.cfg.keep_checkpoints)
@@ -293,12 +308,12 @@ def save(job: Job) -> None:
     job.saved_step = job.step
 
 
-def write_model(job: Job, folder: Path) -> None:
+def write_model(job: Job, model: GPT, folder: Path) -> None:
     if job.plan.lora is not None:
-        save_adapter(job.model, job.plan.lora, folder, base=job.plan.model)
+        save_adapter(model, job.plan.lora, folder, base=job.plan.model)
         job.tokenizer.save(folder)
     else:
-        save_hf(job.model, folder, tokenizer=job.tokenizer)
+        save_hf(model, folder, tokenizer=job.tokenizer)
 
 
 def trainer_state(job: Job, rng_json: dict) -> dict:
@@ -309,6 +324,7 @@ def trainer_state(job: Job, rng_json: dict) -> dict:
             "blocks_seen": seen, "schedule": schedule,
             "config": job.cfg.to_json(), "identity": job.identity, "train_loss": job.train_loss,
             "val_losses": job.val_losses, "rng": rng_json, "world_size": job.world.world_size,
+            "sharded": distributed.is_sharded(job.model),
             "grad_scaler": job.scaler.state_dict() if job.scaler is not None else None}
 
 

@@ -15,9 +15,11 @@ from .errors import OptionError
 SCHEDULES = ("cosine", "linear")
 LEARNING_RATES = {"fine-tune": 1e-4, "lora": 2e-4, "from-scratch": 6e-4}
 # Fields `--resume` may change: they alter when things happen, not what the model learns.
+# (fsdp is one: sharded and replicated training compute the same steps, and checkpoints hold the
+# same whole-model files either way.)
 RESUME_SAFE = ("epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every",
-               "save_every", "keep_checkpoints", "grad_checkpointing", "compile", "merge_lora",
-               "device", "resume")
+               "save_every", "keep_checkpoints", "grad_checkpointing", "compile", "fsdp",
+               "merge_lora", "device", "resume")
 
 
 def _help(text: str) -> dict:
@@ -73,6 +75,10 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the model: slow first steps, faster later; needs a C++ compiler on CPU "
         "(default off)"))
+    fsdp: bool = field(default=False, metadata=_help(
+        "under torchrun, shard the weights, gradients and optimizer state across the processes "
+        "(FSDP) instead of a full copy in each (DDP): for models whose training state does not "
+        "fit one device; no effect in a single process (default off)"))
     lora: bool = field(default=False, metadata=_help(
         "train low-rank adapters only (LoRA), the base model frozen: much less memory (default off)"))
     from_scratch: bool = field(default=False, metadata=_help(
@@ -129,9 +135,12 @@ class TrainConfig:
         if self.lora and self.from_scratch:
             raise OptionError("lora", "cannot be combined with --from-scratch (there is no "
                               "trained base model to adapt)")
+        if self.fsdp and self.lora:
+            raise OptionError("fsdp", "cannot be combined with --lora (LoRA's optimizer state is "
+                              "already tiny: run torchrun without --fsdp)")
         if self.merge_lora and not self.lora:
             raise OptionError("merge_lora", "needs --lora")
-        for name in ("grad_checkpointing", "compile", "lora", "from_scratch", "resume", "merge_lora"):
+        for name in ("grad_checkpointing", "compile", "fsdp", "lora", "from_scratch", "resume", "merge_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(name, f"must be true or false, got {getattr(self, name)!r}")
 

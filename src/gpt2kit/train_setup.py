@@ -66,6 +66,7 @@ class Job:
     emit: Callable[[dict], None]
     data: PreparedData | None = None
     net: torch.nn.Module | None = None  # what the training forward runs: compiled and/or DDP
+    # (under FSDP, `model` itself is sharded in place: `net` is the same module, or its compiled form)
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     autocast_dtype: torch.dtype | None = None
@@ -79,6 +80,7 @@ class Job:
     train_loss: float | None = None
     val_losses: list = field(default_factory=list)
     copies: object = None  # memorization.CopyDetector when sampling
+    gathered: tuple[int, GPT | None] | None = None  # FSDP: (step, rank 0's whole copy of the weights)
     orders: dict = field(default_factory=dict)  # epoch -> its block order (the current one only)
     bar: tqdm | None = None
 
@@ -256,9 +258,10 @@ def check_memory(job: Job) -> None:
     """The run's summary, and NotEnoughMemory before training when the estimate does not fit."""
     trainable, total = trainable_parameters(job.model)
     half = job.autocast_dtype in (torch.bfloat16, torch.float16)
+    shards = job.world.world_size if job.cfg.fsdp else 1
     est = estimate(job.model.config, total, trainable, job.cfg.batch_size // job.world.world_size,
                    job.data.block_size, job.cfg.grad_checkpointing, job.model.config.dropout,
-                   activation_bytes=2 if half else 4)
+                   activation_bytes=2 if half else 4, shards=shards)
     available = available_memory(job.device)
     job.summary = describe(job, trainable, total, est, available)
     processes = job.world.local_world_size if job.device.type == "cpu" else 1
@@ -278,7 +281,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 def restore(job: Job, folder: Path) -> None:
     """The checkpoint's optimizer, loss scaler, random states, step and history."""
     state = read_state_json(folder / STATE)
-    job.optimizer.load_state_dict(load_tensors(folder / OPTIMIZER))
+    distributed.load_optimizer_state(job.model, job.optimizer, load_tensors(folder / OPTIMIZER))
     if job.scaler is not None and state.get("grad_scaler"):
         job.scaler.load_state_dict(state["grad_scaler"])
     restore_rng(load_tensors(folder / RNG), state["rng"])
@@ -301,6 +304,7 @@ def describe(job: Job, trainable: int, total: int, est: MemoryEstimate, availabl
     cfg, data, per_step = job.cfg, job.data, job.cfg.batch_size * job.cfg.grad_accum
     source = f"new {cfg.size} GPT-2" if cfg.from_scratch else job.plan.model
     return {"model": source, "device": str(job.device), "processes": job.world.world_size,
+            "sharded": job.cfg.fsdp and job.world.distributed,
             "precision": "float32" if job.autocast_dtype is None else
             f"float32 weights, {str(job.autocast_dtype).removeprefix('torch.')} autocast",
             "documents": data.documents, "val_documents": data.val_documents, "tokens": data.tokens,
@@ -321,7 +325,8 @@ def summary_lines(record: dict) -> list[str]:
         room = f"of {gb(r['memory_available'])} available" if r["memory_available"] else "(available unknown)"
         return [f"model: {r['model']}: {r['parameters'] / 1e6:.1f}M parameters, "
                 f"{r['trainable_parameters'] / 1e6:.2f}M trainable; {r['precision']} on {r['device']}"
-                + (f" x {r['processes']} processes" if r["processes"] > 1 else ""),
+                + (f" x {r['processes']} processes" if r["processes"] > 1 else "")
+                + (" (FSDP: state sharded across them)" if r.get("sharded") else ""),
                 f"data: {r['documents']:,} documents, {r['tokens']:,} tokens -> {r['blocks']:,} blocks "
                 f"of {r['block_size']} (validation: {r['val_documents']:,} documents, "
                 f"{r['val_blocks']:,} blocks)",
