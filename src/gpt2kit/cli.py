@@ -297,15 +297,40 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------
+
+SERVE_EXAMPLES = """examples:
+  gpt2kit serve -m runs/jokes --port 8000            # then open http://127.0.0.1:8000/
+  gpt2kit serve -m gpt2 --host 0.0.0.0 --api-key s3cret --max-batch 8
+"""
+
+
+def configure_serve(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    from .server.settings import ServerConfig
+    add_dataclass_flags(p, ServerConfig, "server options")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+    from .server import ServerConfig, serve
+    options = options_for(ServerConfig, args)
+    if "api_key" not in options and os.environ.get("GPT2KIT_API_KEY"):
+        options["api_key"] = os.environ["GPT2KIT_API_KEY"]
+    serve(args.model, ServerConfig(**options), device=args.device, dtype=args.dtype)
+    return 0
+
+
 COMMANDS = {
     "generate": (run_generate, configure_generate, "continue prompts with a GPT-2 model"),
     "info": (run_info, configure_info, "describe a model: architecture, size, dtype, tokenizer, source"),
     "finetune": (run_finetune, configure_finetune, "fine-tune GPT-2 on your text (or train one from scratch)"),
     "eval": (run_eval, configure_eval, "token-level loss and perplexity of a model on a file"),
+    "serve": (run_serve, configure_serve, "serve a model over an OpenAI-compatible HTTP API, with a playground"),
 }
 
 
-EXAMPLES = {"generate": GENERATE_EXAMPLES, "finetune": FINETUNE_EXAMPLES}
+EXAMPLES = {"generate": GENERATE_EXAMPLES, "finetune": FINETUNE_EXAMPLES, "serve": SERVE_EXAMPLES}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for the first token of an echoed prompt: it has no context
     top: list[tuple[int, str, float]]
 
 
@@ -133,8 +133,14 @@ def generate_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
 
 
 def step(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
-    """One token for every row of a running batch: choose, apply the stop rules, let finished
-    rows leave, and feed the rest (re-reading the last part of any row that filled the window)."""
+    """One token for every row of a running batch: take it, then feed it back to the model."""
+    events = take_tokens(batch, tokenizer)
+    feed_tokens(batch)
+    return events
+
+
+def take_tokens(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
+    """Choose each row's next token, apply the stop rules, and let finished rows leave."""
     rows = list(batch.rows)
     tokens = _choose(batch.logits, rows, tokenizer.eos_id)
     events = []
@@ -142,13 +148,18 @@ def step(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
         events += [Event(row.index, text, done, _new_logprobs(row))
                    for text, done in _accept(row, int(tokens[r]), batch.logits[r], tokenizer)]
     batch.leave([row for row in rows if row.finish_reason is not None])
+    return events
+
+
+def feed_tokens(batch: RunningBatch[Row]) -> None:
+    """Run the rows' last tokens through the model for the next logits, re-reading the last part
+    of any row that filled the window."""
     slide = batch.make_room()
     if batch.rows:
         batch.decode([row.tokens[-1] for row in batch.rows])
     if slide:
         keep = max(1, int(batch.model.config.n_positions * SLIDE_KEEP))
         batch.join(slide, [row.context(keep) for row in slide])
-    return events
 
 
 def _new_logprobs(row: Row) -> list[TokenLogprob] | None:
@@ -211,7 +222,7 @@ def _accept(row: Row, token: int, logits: torch.Tensor,
         return [_finish(row, "stop", row.pending + row.decoder.flush())]
     row.tokens.append(token)
     if row.logprobs is not None:
-        row.logprobs.append(_logprob(logits, token, cfg.logprobs, tokenizer))
+        row.logprobs.append(token_logprob(logits, token, cfg.logprobs, tokenizer))
     undecided = row.pending + row.decoder.add(token)
     emit, stopped = split_stop(undecided, cfg.stop)
     if stopped:  # the stop string and anything after it are dropped
@@ -254,7 +265,7 @@ def split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return text[:len(text) - hold], False
 
 
-def _logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer: Tokenizer) -> TokenLogprob:
+def token_logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer: Tokenizer) -> TokenLogprob:
     logp = torch.log_softmax(logits, dim=-1)
     top = torch.topk(logp, top_n) if top_n else None
     alternatives = [] if top is None else [

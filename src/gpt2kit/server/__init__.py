@@ -1,0 +1,34 @@
+"""An OpenAI-compatible completions server with continuous batching and a browser playground.
+
+    gpt2kit serve -m runs/jokes --port 8000
+
+FastAPI and uvicorn are imported here, at the edge: the rest of gpt2kit never needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import Gpt2kitError
+from .settings import ServerConfig
+
+
+def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "auto",
+          dtype: str = "auto") -> None:
+    """Load a model and serve it until SIGINT/SIGTERM (in-flight requests get
+    `settings.shutdown_timeout` seconds to finish)."""
+    settings = settings or ServerConfig()
+    try:
+        import uvicorn
+    except ImportError:
+        raise Gpt2kitError("the server needs FastAPI and uvicorn: pip install 'gpt2kit[serve]'") from None
+    from ..api import load
+    from .app import create_app
+    model = load(model_spec, device=device, dtype=dtype)
+    app = create_app(model, settings, served=model_spec)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_timeout)
+
+
+__all__ = ["ServerConfig", "serve"]

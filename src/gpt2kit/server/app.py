@@ -1,0 +1,208 @@
+"""The HTTP layer: `create_app(model, settings)` builds the FastAPI app over one scheduler.
+
+Routes: POST /v1/completions (plain or server-sent events), GET /v1/models, GET /health, and the
+playground page at /. Handlers only check, queue and translate: decoding happens on the
+scheduler's thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from ..api import Model
+from ..generate import Completion
+from . import completions, errors
+from .completions import Plan
+from .errors import APIError
+from .scheduler import Job, JobFailed, QueueFull, Scheduler
+from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import Completion as CompletionBody
+from .settings import ServerConfig
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+
+
+def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
+    served = settings.served_model_name or served or model.source
+    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="gpt2kit", summary="An OpenAI-compatible completions server for GPT-2",
+                  lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.add_middleware(RequestLimits, limit=settings.max_body_bytes)
+    errors.install(app)
+    auth = [Depends(bearer_check(settings.api_key))]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": served, **scheduler.load}
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=ERRORS)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served, created=created, max_model_len=model.config.n_positions)])
+
+    @app.post("/v1/completions", response_model=CompletionBody, dependencies=auth, responses=ERRORS)
+    async def create_completion(body: CompletionRequest, request: Request):
+        plan = completions.plan(body, model, settings, served)
+        echoes = await _prompt_logprobs(plan, model)
+        try:
+            job = scheduler.submit(plan.rows)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except JobFailed as e:
+            raise APIError(503, str(e)) from None
+        if body.stream:
+            return StreamingResponse(_stream(plan, job, model, scheduler, echoes),
+                                     media_type="text/event-stream")
+        done = await _collect(job, scheduler, request)
+        return completions.response(plan, done, model, echoes)
+
+    return app
+
+
+def bearer_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+    return check
+
+
+async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
+    """Echo with logprobs also scores the prompts (off the event loop)."""
+    if not (plan.request.echo and plan.cfg.logprobs is not None):
+        return {}
+    return {i: await asyncio.to_thread(completions.prompt_logprobs, model, ids, plan.cfg.logprobs)
+            for i, ids in enumerate(plan.prompts)}
+
+
+async def _collect(job: Job, scheduler: Scheduler, request: Request) -> list[Completion]:
+    """Wait for every row of a non-streamed job; cancel it as soon as the client goes away."""
+    done: dict[int, Completion] = {}
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            get = asyncio.ensure_future(job.events.get())
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise APIError(499, "the client closed the connection")
+            item = get.result()
+            if item is None:
+                return [done[k] for k in sorted(done)]
+            if isinstance(item, JobFailed):
+                raise APIError(500, str(item))
+            if item.completion is not None:
+                done[item.row - job.first] = item.completion
+    finally:
+        gone.cancel()
+        scheduler.cancel(job)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(plan: Plan, job: Job, model: Model, scheduler: Scheduler,
+                  echoes: dict[int, list]) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, then usage if asked for, then [DONE].
+    An error after the response has started can only be reported in the stream itself."""
+    offsets = [0] * len(plan.rows)
+    done: list[Completion] = []
+    try:
+        if plan.request.echo:
+            for index in range(len(plan.rows)):
+                yield _echo_chunk(plan, index, model, echoes, offsets)
+        while (item := await job.events.get()) is not None:
+            if isinstance(item, JobFailed):
+                yield f"data: {APIError(500, str(item)).response().body.decode()}\n\n"
+                break
+            index = item.row - job.first
+            logprobs = None
+            if item.logprobs is not None:
+                logprobs = completions.logprobs_body(item.logprobs, offsets[index])
+            offsets[index] += len(item.text)
+            reason = item.completion.finish_reason if item.completion else None
+            if item.completion is not None:
+                done.append(item.completion)
+            if item.text or reason or logprobs:
+                yield completions.chunk(plan, [Choice(index=index, text=item.text, logprobs=logprobs,
+                                                      finish_reason=reason)])
+        else:
+            options = plan.request.stream_options
+            if options is not None and options.include_usage:
+                yield completions.chunk(plan, [], completions.usage(plan, done))
+        yield "data: [DONE]\n\n"
+    finally:
+        scheduler.cancel(job)  # a client that left frees its rows at the next step
+
+
+def _echo_chunk(plan: Plan, index: int, model: Model, echoes: dict, offsets: list[int]) -> str:
+    text = model.tokenizer.decode(plan.choice_prompt(index))
+    entries = echoes.get(index // plan.cfg.n)
+    logprobs = None if entries is None else completions.logprobs_body(entries, 0)
+    offsets[index] = len(text)
+    return completions.chunk(plan, [Choice(index=index, text=text, logprobs=logprobs)])
+
+
+class RequestLimits:
+    """Refuse header floods (431) and request bodies over `limit` bytes (413), whether the size is
+    declared up front or only seen while streaming in."""
+
+    MAX_HEADERS = 100
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if len(scope["headers"]) > self.MAX_HEADERS:
+            response = APIError(431, f"too many request headers ({len(scope['headers'])}; at most "
+                                f"{self.MAX_HEADERS})").response()
+            return await response(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = APIError(413, self._message()).response()
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server's limit of {self.limit} bytes"

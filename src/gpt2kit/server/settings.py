@@ -1,0 +1,56 @@
+"""How the server runs: address, access, and the limits that keep one CPU server responsive.
+
+Torch-free, like the other configs, so `gpt2kit serve --help` is instant; the CLI builds its
+flags from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import _integer
+from ..errors import OptionError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on (default 127.0.0.1; 0.0.0.0 exposes the server to the network)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (default 8000)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on /v1 requests (default: $GPT2KIT_API_KEY, "
+        "else no key)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model id clients send and /v1/models lists (default: the -m argument)"})
+    max_batch: int = field(default=16, metadata={
+        "help": "sequences decoded together; more requests wait their turn (default 16)"})
+    max_queue: int = field(default=64, metadata={
+        "help": "requests allowed to wait; beyond it the server answers 503 (default 64)"})
+    max_n: int = field(default=16, metadata={"help": "largest n (choices per prompt) (default 16)"})
+    max_tokens_limit: int = field(default=4096, metadata={
+        "help": "largest max_tokens a request may ask for; without \"slide\" the context window "
+        "is the limit anyway (default 4096)"})
+    token_budget: int = field(default=16384, metadata={
+        "help": "largest total of max_tokens x choices in one request (default 16384)"})
+    max_body_bytes: int = field(default=2_000_000, metadata={
+        "help": "largest request body; larger ones get 413 (default 2000000)"})
+    max_prompt_chars: int = field(default=100_000, metadata={
+        "help": "largest prompt in characters, checked before tokenizing (default 100000)"})
+    max_stop: int = field(default=4, metadata={"help": "most stop strings per request (default 4)"})
+    max_stop_chars: int = field(default=256, metadata={
+        "help": "longest stop string in characters (default 256)"})
+    shutdown_timeout: float = field(default=30.0, metadata={
+        "help": "seconds in-flight requests get to finish after SIGTERM before they are "
+        "cancelled (default 30)"})
+
+    def __post_init__(self):
+        if not 0 <= _integer("port", self.port) <= 65535:
+            raise OptionError("port", f"must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_queue", "max_n", "max_tokens_limit", "token_budget", "max_body_bytes",
+                     "max_prompt_chars", "max_stop", "max_stop_chars"):
+            if _integer(name, getattr(self, name)) < 1:
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        if not self.shutdown_timeout >= 0:
+            raise OptionError("shutdown_timeout", f"must be at least 0, got {self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key:
+            raise OptionError("api_key", "must not be empty")
