@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -30,6 +32,21 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 LAYER = re.compile(r"transformer\.h\.(\d+)\.")
 TIED = "lm_head.weight"  # tied to transformer.wte.weight: optional on import, omitted on export
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint format stores one of our tensors: shapes are checked in the file's layout
+    (so errors show what the file holds), then the tensor is turned into ours (a view, no copy)."""
+
+    file_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> the file's
+    to_ours: Callable[[torch.Tensor], torch.Tensor]
+
+
+AS_IS = Layout(lambda shape: shape, lambda t: t)
+TRANSPOSED = Layout(lambda shape: shape[::-1], lambda t: t.t())  # Hugging Face's Conv1D: (in, out)
+# One checkpoint tensor: (its name in the file, our key or None to skip it, the tensor, its layout).
+Named = tuple[str, "str | None", torch.Tensor, Layout]
 
 # config.json options that change the architecture, with the value GPT-2 itself uses.
 FIXED_OPTIONS = {
@@ -145,13 +162,25 @@ def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> tup
         cfg = read_config(config_path)
     else:  # a lone weights file: its shape from its tensors
         cfg = infer_config(read_shapes(files), weights)
-    model, stored = build_model(cfg, files, device, dtype)
+    model, stored = build_model(cfg, hf_tensors(files), files[0].parent, device, dtype)
     return model, weights, stored
 
 
-def build_model(cfg: ModelConfig, files: list[Path], device: torch.device,
+def hf_tensors(files: list[Path]) -> Iterator[Named]:
+    for name, tensor in iter_tensors(files):
+        key = our_key(name)
+        yield name, key, tensor, TRANSPOSED if key and key.endswith(CONV1D) else AS_IS
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our state dict's keys and shapes for `cfg`, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[Named], where: Path, device: torch.device,
                 dtype: torch.dtype) -> tuple[GPT, str]:
-    """GPT(cfg) holding the tensors of `files`, checked key by key and shape by shape.
+    """GPT(cfg) holding `tensors` (from any format's reader), checked key by key and shape by shape.
 
     The model is built on the meta device (no memory, no random init) and each tensor is
     converted to its final dtype and device as it is read, then assigned: the weights are never
@@ -163,27 +192,24 @@ def build_model(cfg: ModelConfig, files: list[Path], device: torch.device,
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     stored: set[torch.dtype] = set()
-    for name, tensor in iter_tensors(files):
-        key = our_key(name)
+    for name, key, tensor, layout in tensors:
         if key is None:
             continue
         if key not in expected:
             unexpected.append(name)
             continue
-        want = expected[key][::-1] if key.endswith(CONV1D) else expected[key]  # in the file's layout
+        want = layout.file_shape(expected[key])
         if tuple(tensor.shape) != want:
-            raise CheckpointError(f"{name} in {files[0].parent} has shape {tuple(tensor.shape)} but "
+            raise CheckpointError(f"{name} in {where} has shape {tuple(tensor.shape)} but "
                                   f"this GPT-2 ({cfg.n_layer} layers, n_embd={cfg.n_embd}, "
                                   f"vocab {cfg.vocab_size}) needs {want}")
         stored.add(tensor.dtype)
         if key == TIED:
             continue  # the head is the embedding (tied), as in the released models
-        if key.endswith(CONV1D):
-            tensor = tensor.t()
-        state[key] = tensor.to(device=device, dtype=dtype).contiguous()
+        state[key] = layout.to_ours(tensor).to(device=device, dtype=dtype).contiguous()
     missing = sorted(set(expected) - set(state) - {TIED})
     if missing or unexpected:
-        raise CheckpointError(f"the weights in {files[0].parent} do not match GPT-2 "
+        raise CheckpointError(f"the weights in {where} do not match GPT-2 "
                               f"({cfg.n_layer} layers): missing {_listing(missing)}; "
                               f"unexpected {_listing(unexpected)}")
     result = model.load_state_dict(state, strict=False, assign=True)

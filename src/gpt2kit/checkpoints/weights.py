@@ -124,22 +124,27 @@ def _safe_open(path: Path):
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    # mmap keeps a zip-format file's tensors on disk until they are converted; the legacy
-    # (non-zip) format cannot be mapped but goes through the same restricted unpickler.
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:  # weights_only met a global it does not allow: code, not data
-        raise CheckpointError(f"unsafe or unsupported pickle content in {path}; "
-                              "convert it to safetensors") from None
-    except PermissionError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch's zip reader, short reads
-        raise corrupt(path, str(e)) from None
+    state = load_pickle(path)
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path} does not hold a flat dictionary of named tensors "
                               "(a Hugging Face-style state dict); convert it to safetensors")
     return state
+
+
+def load_pickle(path: Path, fix: str = "convert it to safetensors") -> object:
+    """A PyTorch pickle through torch.load(weights_only=True): tensors, containers and plain values,
+    never code. `fix` ends the message when the file holds anything else."""
+    # mmap keeps a zip-format file's tensors on disk until they are converted; the legacy
+    # (non-zip) format cannot be mapped but goes through the same restricted unpickler.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:  # weights_only met a global it does not allow: code, not data
+        raise CheckpointError(f"unsafe or unsupported pickle content in {path}; {fix}") from None
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch's zip reader, short reads
+        raise corrupt(path, str(e)) from None
 
 
 def describe_dtypes(dtypes: set[torch.dtype]) -> str:
