@@ -14,8 +14,8 @@ from conftest import tiny_hf_model
 from gpt2kit.blocks import TokenBlocks
 from gpt2kit.checkpoints import load_model
 from gpt2kit.errors import OptionError, TokenizerError
-from gpt2kit.evaluate import (Scores, evaluate_blocks, evaluate_documents, score_tokens,
-                              sliding_windows)
+from gpt2kit.evaluate import (Scores, evaluate_blocks, evaluate_documents, score_sequences,
+                              score_tokens, sliding_windows)
 
 EOT = 50256
 N_CTX = 64
@@ -113,6 +113,29 @@ def test_bfloat16_model_scores_close_to_float32(pair, tmp_path):
     exact, rough = score_tokens(model, ids, bos_id=EOT), score_tokens(bf16, ids, bos_id=EOT)
     assert all(math.isfinite(x) for x in rough.token_logprobs)
     assert abs(rough.nll - exact.nll) < 0.02
+
+
+def test_sequences_scored_together_equal_one_at_a_time(pair):
+    """Many texts share batches (windows of different texts, right-padded, widest first); each
+    text's scores are still those of scoring it alone."""
+    _, model = pair
+    seqs = [random_ids(n, seed=n) for n in (3, 200, 1, 40, 63, 64, 90)]
+    alone = [score_tokens(model, ids, bos_id=EOT, stride=20) for ids in seqs]
+    for batch_size in (1, 3, 16):
+        together = score_sequences(model, seqs, bos_id=EOT, stride=20, batch_size=batch_size)
+        for got, want, ids in zip(together, alone, seqs):
+            assert got.token_ids == want.token_ids == ids and got.n_tokens == len(ids)
+            assert np.abs(np.subtract(got.token_logprobs, want.token_logprobs)).max() < 1e-5
+    assert alone[0].total == pytest.approx(sum(alone[0].token_logprobs))
+
+
+def test_empty_list_of_sequences(pair):
+    _, model = pair
+    with pytest.raises(OptionError, match="empty list"):
+        score_sequences(model, [], bos_id=EOT)
+    with pytest.raises(OptionError, match="2 of 3 is empty") as info:
+        score_sequences(model, [[1], [], [2]], bos_id=EOT)
+    assert info.value.field == "text"
 
 
 @pytest.mark.parametrize("n, stride", [(2, 32), (64, 32), (65, 32), (200, 32), (200, 1), (200, 63), (129, 64)])

@@ -3,18 +3,21 @@
 
 One scoring rule throughout, transformers' causal-LM loss: the cross-entropy of float32 logits
 at position t against the token at t + 1 (so a bfloat16 model is scored in float32 as well).
-Perplexity is exp(mean negative log-likelihood per token), in nats.
+Perplexity is exp(mean negative log-likelihood per token), in nats. `score_sequences` is the one
+path for token sequences: `gpt2kit eval` (one stream of documents) and `Model.score` (many
+texts, batched) both run through it.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import _integer
 from .errors import OptionError, TokenizerError
@@ -23,16 +26,25 @@ from .model import GPT
 if TYPE_CHECKING:
     from .blocks import TokenBlocks
 
+# Scored positions whose logits exist at once: (1024, V) float32 is 206 MB at GPT-2's vocabulary.
+HEAD_ROWS = 1024
+
 
 @dataclass
 class Scores:
     token_logprobs: list[float]  # log p(token_i | the tokens before it), one per scored token
     n_tokens: int
     nll: float  # mean negative log-likelihood, nats per token
+    token_ids: list[int] = field(default_factory=list)  # the scored tokens (not the leading <|endoftext|>)
 
     @property
     def ppl(self) -> float:
         return perplexity(self.nll)
+
+    @property
+    def total(self) -> float:
+        """Log-probability of the whole sequence (nats): the sum of `token_logprobs`."""
+        return math.fsum(self.token_logprobs)
 
 
 def perplexity(nll: float) -> float:
@@ -50,18 +62,42 @@ def score_tokens(model: GPT, ids: list[int], bos_id: int, stride: int | None = N
     in the first window that reaches it, so it sees at least n_positions - stride tokens of
     context. Windows run `batch_size` at a time.
     """
-    ids = list(ids)
+    return score_sequences(model, [ids], bos_id, stride, batch_size)[0]
+
+
+def score_sequences(model: GPT, seqs: Sequence[list[int]], bos_id: int, stride: int | None = None,
+                    batch_size: int = 8, progress: bool = False) -> list[Scores]:
+    """`score_tokens` of each sequence in `seqs`, computed together: the windows of every
+    sequence run `batch_size` at a time, longest first, so short texts share a forward pass and
+    a batch holds windows of similar length (little padding). A sequence's scores do not depend
+    on what else is in its batch (right padding is invisible under causal attention).
+    `progress` shows a bar of windows scored, on stderr."""
+    seqs = [list(ids) for ids in seqs]
     n_ctx = model.config.n_positions
     stride = n_ctx // 2 if stride is None else stride
-    _check_scoring(ids, bos_id, stride, batch_size, model.config)
-    seq = torch.tensor([bos_id, *ids], device=model.transformer.wte.weight.device)
-    windows = sliding_windows(len(seq), n_ctx, stride)
-    logprobs = []
-    with torch.inference_mode(), _eval_mode(model):
-        for i in range(0, len(windows), batch_size):
-            logprobs += _score_windows(model, seq, windows[i:i + batch_size])
-    values = torch.cat(logprobs).tolist()
-    return Scores(token_logprobs=values, n_tokens=len(values), nll=-math.fsum(values) / len(values))
+    _check_scoring(seqs, bos_id, stride, batch_size, model.config)
+    device = model.transformer.wte.weight.device
+    full = [torch.tensor([bos_id, *ids], device=device) for ids in seqs]
+    jobs = [(k, w) for k, seq in enumerate(full) for w in sliding_windows(len(seq), n_ctx, stride)]
+    order = sorted(range(len(jobs)), key=lambda j: jobs[j][1][0] - jobs[j][1][1])  # widest first
+    logprobs: list[torch.Tensor | None] = [None] * len(jobs)
+    with torch.inference_mode(), eval_mode(model), \
+            tqdm(total=len(jobs), unit="window", desc="scoring", disable=not progress) as bar:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            rows = [(full[jobs[j][0]], jobs[j][1]) for j in chunk]
+            for j, values in zip(chunk, _score_windows(model, rows)):
+                logprobs[j] = values
+            bar.update(len(chunk))
+    per_seq: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for (k, _), values in zip(jobs, logprobs):  # jobs list each sequence's windows in order
+        per_seq[k].append(values)
+    return [_scores(ids, torch.cat(parts).tolist()) for ids, parts in zip(seqs, per_seq)]
+
+
+def _scores(ids: list[int], values: list[float]) -> Scores:
+    return Scores(token_logprobs=values, n_tokens=len(values), nll=-math.fsum(values) / len(values),
+                  token_ids=ids)
 
 
 def sliding_windows(n: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
@@ -77,24 +113,26 @@ def sliding_windows(n: int, n_ctx: int, stride: int) -> list[tuple[int, int, int
     return windows
 
 
-def _score_windows(model: GPT, seq: torch.Tensor, windows: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """Float32 log-probabilities of each window's scored tokens, the windows run as one batch.
+def _score_windows(model: GPT, rows: list[tuple[torch.Tensor, tuple[int, int, int]]]) -> list[torch.Tensor]:
+    """Float32 log-probabilities of the scored tokens of each (sequence, window), run as one batch.
 
-    A window shorter than the others (the last) is padded on the right; under causal attention
-    no position sees the padding after it. The LM head runs per window on the scored positions
-    only, never on a whole (B, T, V) batch: at GPT-2's vocabulary that would be 1.6 GB in float32
-    for 8 windows of 1024 tokens.
+    Windows shorter than the widest are padded on the right; under causal attention no position
+    sees the padding after it. The LM head runs on the scored positions only, HEAD_ROWS at a time,
+    never on a whole (B, T, V) batch: at GPT-2's vocabulary that would be 1.6 GB in float32 for
+    8 windows of 1024 tokens.
     """
-    width = max(end - begin for begin, end, _ in windows)
-    batch = seq.new_full((len(windows), width), int(seq[0]))  # (B, T)
-    for row, (begin, end, _) in enumerate(windows):
-        batch[row, :end - begin] = seq[begin:end]
+    width = max(end - begin for _, (begin, end, _) in rows)
+    batch = rows[0][0].new_zeros((len(rows), width))  # (B, T); token 0 pads
+    for r, (seq, (begin, end, _)) in enumerate(rows):
+        batch[r, :end - begin] = seq[begin:end]
     h = model.hidden(batch)  # (B, T, C)
-    out = []
-    for row, (begin, end, first) in enumerate(windows):
-        logits = model.lm_head(h[row, first - 1 - begin:end - 1 - begin]).float()  # (n, V): t predicts t + 1
-        out.append(-F.cross_entropy(logits, seq[first:end], reduction="none"))
-    return out
+    # Position t predicts token t + 1: the hidden states before each scored token, as one (N, C).
+    x = torch.cat([h[r, first - 1 - begin:end - 1 - begin]
+                   for r, (_, (begin, end, first)) in enumerate(rows)])
+    targets = torch.cat([seq[first:end] for seq, (_, end, first) in rows])  # (N,)
+    values = torch.cat([-F.cross_entropy(model.lm_head(x[i:i + HEAD_ROWS]).float(), targets[i:i + HEAD_ROWS],
+                                         reduction="none") for i in range(0, len(x), HEAD_ROWS)])
+    return list(values.split([end - first for _, (_, end, first) in rows]))
 
 
 def evaluate_documents(model: GPT, docs: Iterable[list[int]], bos_id: int,
@@ -129,7 +167,7 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = 8,
     n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
     device = model.transformer.wte.weight.device
     total, count = 0.0, 0
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         for i in range(n_batches):
             x = blocks.batch(range(i * batch_size, min((i + 1) * batch_size, len(blocks)))).to(device)
             h = model.hidden(x)  # (B, T, C); the head runs per row, for memory as in _score_windows
@@ -142,7 +180,7 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = 8,
 
 
 @contextmanager
-def _eval_mode(model: GPT):
+def eval_mode(model: GPT):
     """Dropout off for scoring, the caller's mode (training, say) restored afterwards."""
     was_training = model.training
     model.eval()
@@ -152,17 +190,21 @@ def _eval_mode(model: GPT):
         model.train(was_training)
 
 
-def _check_scoring(ids: list[int], bos_id: int, stride: int, batch_size: int, cfg) -> None:
-    if not ids:
-        raise OptionError("text", "is empty: there is no token to score (the first token is "
-                          "predicted from <|endoftext|>, so one token is enough)")
+def _check_scoring(seqs: list[list[int]], bos_id: int, stride: int, batch_size: int, cfg) -> None:
     n_ctx = cfg.n_positions
     if not 1 <= _integer("stride", stride) < n_ctx:
         raise OptionError("stride", f"must be in [1, {n_ctx - 1}]: below the context ({n_ctx} tokens) "
                           f"so that windows overlap and every token is scored; got {stride}")
     if _integer("batch_size", batch_size) < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
-    low, high = min(min(ids), bos_id), max(max(ids), bos_id)
-    if low < 0 or high >= cfg.vocab_size:
-        bad = low if low < 0 else high
-        raise TokenizerError(f"token id {bad} is outside the model's vocabulary (0..{cfg.vocab_size - 1})")
+    if not seqs:
+        raise OptionError("texts", "is an empty list: give at least one text to score")
+    for k, ids in enumerate(seqs):
+        if not ids:
+            where = "" if len(seqs) == 1 else f"{k + 1} of {len(seqs)} "
+            raise OptionError("text", f"{where}is empty: there is no token to score (the first token "
+                              "is predicted from <|endoftext|>, so one token is enough)")
+        low, high = min(min(ids), bos_id), max(max(ids), bos_id)
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise TokenizerError(f"token id {bad} is outside the model's vocabulary (0..{cfg.vocab_size - 1})")
