@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib
 
 from .config import DataConfig, GenerationConfig, LoraConfig, ModelConfig
+# Imported now, not lazily: the function shares its submodule's name, and the first import of
+# gpt2kit.convert would otherwise bind the module over it. convert.py imports no torch.
+from .convert import convert
 from .errors import (CheckpointError, DeviceError, Gpt2kitError, HubError, OptionError,
                      PromptTooLong, TokenizerError)
 
@@ -26,7 +29,7 @@ _LAZY = {
     "TrainConfig": "train_config",
 }
 
-__all__ = ["DataConfig", "GenerationConfig", "LoraConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",
+__all__ = ["convert", "DataConfig", "GenerationConfig", "LoraConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",
            "HubError", "OptionError", "PromptTooLong", "TokenizerError", *_LAZY]
 
 

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import features
 from .checkpoints import LoadedModel, load_model
 from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
@@ -26,7 +27,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
     n_params = sum(p.numel() for p in loaded.model.parameters())  # before packing turns them into buffers
     prepare_for_inference(loaded.model)
-    tokenizer = (Tokenizer.from_folder(loaded.folder) if loaded.folder else None) or Tokenizer.default()
+    tokenizer = loaded.load_tokenizer()
     return Model(loaded, tokenizer, n_params)
 
 
@@ -56,17 +57,40 @@ class Model:
     def logits(self, token_ids) -> torch.Tensor:
         """Float32 logits (batch, seq, vocab) for token ids: a list, a list of equal-length lists,
         or a tensor of shape (seq,) or (batch, seq)."""
-        idx = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
-        if idx.dim() == 1:
-            idx = idx[None]
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise OptionError("token_ids", f"must be a non-empty (batch, seq) array, got shape {tuple(idx.shape)}")
-        bad = (idx < 0) | (idx >= self.config.vocab_size)
-        if bad.any():
-            raise TokenizerError(f"token id {int(idx[bad][0])} is outside the vocabulary "
-                                 f"(size {self.config.vocab_size})")
+        idx = features.token_batch(token_ids, self.config, self.device)
         with torch.inference_mode():
             return self.module(idx).float()
+
+    def hidden_states(self, token_ids, layers: Sequence[int] | None = (-1,)) -> list[torch.Tensor]:
+        """Float32 hidden states (batch, seq, n_embd) for token ids (as `logits` takes them), one
+        tensor per entry of `layers` (None: all n_layer + 1). Numbered as transformers'
+        `output_hidden_states` tuple: 0 is the embedding output, i the i-th block's output, and
+        n_layer (or -1) the last block's output after the final LayerNorm (`last_hidden_state`)."""
+        idx = features.token_batch(token_ids, self.config, self.device)
+        return features.hidden_states(self.module, idx, layers)
+
+    def embed(self, texts: str | Sequence[str], pool: str = "mean", layer: int = -1,
+              batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """One float32 vector per text, (len(texts), n_embd) on the CPU: the mean of its tokens'
+        hidden states at `layer` (`pool="mean"`) or its last token's (`pool="last"`). Texts are
+        encoded as they are (no <|endoftext|> added, as in transformers' feature extraction);
+        batches are padded in a way that changes no vector."""
+        return features.embed_ids(self.module, self._encode(texts), pool, layer, batch_size, progress)
+
+    def score(self, text: str | Sequence[str], stride: int | None = None, batch_size: int = 8,
+              progress: bool = False) -> Scores | list[Scores]:
+        """How likely the model finds a text: per-token log-probabilities (the first token
+        conditioned on <|endoftext|>), `token_ids`, `total`, mean `nll` and `ppl`. A list of texts
+        gives a list of Scores, computed in shared batches. Texts longer than the context are
+        scored on sliding windows moved by `stride` tokens (default: half the context), the same
+        scoring as `evaluate` and `gpt2kit eval`."""
+        from .evaluate import score_sequences
+        scores = score_sequences(self.module, self._encode(text), self.tokenizer.eos_id, stride,
+                                 batch_size, progress)
+        return scores[0] if isinstance(text, str) else scores
+
+    def _encode(self, texts: str | Sequence[str]) -> list[list[int]]:
+        return self.tokenizer.encode_batch([texts] if isinstance(texts, str) else list(texts))
 
     def complete(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
                  **options) -> list[Completion]:
@@ -120,6 +144,7 @@ class Model:
         return {
             "architecture": "GPT-2",
             "source": self.source,
+            "format": self.loaded.format,
             "parameters": self.n_params,
             "layers": cfg.n_layer, "heads": cfg.n_head, "embedding": cfg.n_embd,
             "context": cfg.n_positions, "vocab_size": cfg.vocab_size,

@@ -104,11 +104,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-               pad: torch.Tensor | None = None) -> torch.Tensor:
+               pad: torch.Tensor | None = None, states: list | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after ln_f, for tokens `idx` (B, T) at slots start..start+T-1.
 
         `pad` (B,) is the number of left-padding slots per row: those keys are hidden from
-        attention and each row's positions start at 0 after its padding.
+        attention and each row's positions start at 0 after its padding. `states`, if a list,
+        receives each block's input (B, T, C): the embedding output, then blocks 0..n_layer-2's
+        outputs; with the returned tensor that is transformers' `hidden_states` tuple.
         """
         B, T = idx.shape
         S = start + T
@@ -119,17 +121,22 @@ class GPT(nn.Module):
         mask = attention_mask(slots, S, pad)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
+            if states is not None:
+                states.append(x)
             x = block(x, i, start, cache, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                pad: torch.Tensor | None = None, last_only: bool = False,
+                head: bool = True) -> torch.Tensor:
         """Logits (B, T, V) for tokens `idx` (B, T); (B, 1, V) with `last_only` (saves the LM
-        head's work over a prompt when only the next token is wanted)."""
+        head's work over a prompt when only the next token is wanted). With head=False the final
+        hidden states (B, T, C) instead, for a caller that runs the head itself (training fuses
+        it with the loss) but must go through forward (a DDP or FSDP wrapper's hooks)."""
         x = self.hidden(idx, start, cache, pad)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x
 
 
 def attention_mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None):

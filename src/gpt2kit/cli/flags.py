@@ -1,0 +1,80 @@
+"""Flags built from the option dataclasses, and the parser that keeps usage errors to one line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..config import GenerationConfig, option_fields
+
+# Fields whose flag is not simply --field-name (the CLI keeps the names users know).
+
+
+FLAGS = {"n": ("-n", "--num-samples"), "stop_at_eos": ("--ignore-eos",)}
+# OptionError fields that only LoRA's options have, shown with the CLI's --lora- prefix.
+
+
+ERROR_FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def flag_of(field_name: str) -> str:
+    if field_name in ERROR_FLAGS:
+        return ERROR_FLAGS[field_name]
+    return FLAGS.get(field_name, ("--" + field_name.replace("_", "-"),))[-1]
+
+
+SCALARS = {"int": int, "float": float, "str": str}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = (),
+                        prefix: str = "") -> None:
+    """One flag per documented field of `cls` (named --PREFIX-FIELD-NAME); unset flags stay None
+    so the dataclass defaults (documented once, in its help text) apply."""
+    group = parser.add_argument_group(title)
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        dest = prefix + f.name
+        names = FLAGS.get(dest, ("--" + dest.replace("_", "-"),))
+        kind = str(f.type).replace(" | None", "")
+        if f.name == "stop_at_eos":
+            group.add_argument(*names, dest=dest, action="store_false", default=None,
+                               help="keep generating past <|endoftext|> (default: stop there)")
+        elif kind == "bool":
+            group.add_argument(*names, dest=dest, action="store_true", default=None, help=f.metadata["help"])
+        elif kind.startswith("tuple"):
+            group.add_argument(*names, dest=dest, action="append", default=None, metavar="TEXT",
+                               help=f.metadata["help"] + " (may be repeated)")
+        else:
+            group.add_argument(*names, dest=dest, type=SCALARS.get(kind, str), default=None,
+                               metavar=f.name.upper(), help=f.metadata["help"])
+
+
+def options_for(cls, args: argparse.Namespace, prefix: str = "") -> dict:
+    """The fields of `cls` given on the command line (flags left unset are omitted)."""
+    return {f.name: tuple(v) if isinstance(v, list) else v
+            for f in fields(cls) if (v := getattr(args, prefix + f.name, None)) is not None}
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig for the flags given; the dataclass defaults fill the rest."""
+    given = options_for(GenerationConfig, args)
+    if "max_length" in given and "max_new_tokens" not in given:
+        given["max_new_tokens"] = None
+    return GenerationConfig(**given)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("-m", "--model", default=None if required else "gpt2",
+                        help="hub id (gpt2, distilgpt2, openai-community/gpt2-large, ...), a "
+                        "Hugging Face-layout folder, or a weights file (default: gpt2)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)")
