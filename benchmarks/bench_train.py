@@ -4,9 +4,10 @@
     python benchmarks/bench_train.py --device cuda --dtype bfloat16
 
 One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
-same optimizer, parameter groups and loss for both engines; dropout 0.1, GPT-2's). gpt2kit runs
-its own training helpers (train.compute_loss, train_setup.make_optimizer); transformers runs
-GPT2LMHeadModel's forward. Each measurement is a fresh subprocess (so its peak resident memory,
+same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
+transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
+train.compute_loss (the LM head fused with the cross-entropy); transformers runs
+GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
 the same way. Finally the wall time of the seed's job, `gpt2kit finetune onelinefun.csv --column
@@ -49,22 +50,25 @@ def parse_args(argv=None):
 # ---- one measurement, in its own process ------------------------------------------------------
 
 def build(engine: str, folder: str, device):
+    """(model, loss(x)): the engine's training loss of predicting x[:, 1:] from x[:, :-1]."""
     import torch
+    import torch.nn.functional as F
     if engine == "transformers":
         import transformers
         hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).train()
-        return hf, lambda x: hf(input_ids=x).logits
+        return hf, lambda x: F.cross_entropy(hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1),
+                                             x[:, 1:].flatten())
     from gpt2kit.checkpoints import load_model
     from gpt2kit.lora import LoraConfig, apply_lora
+    from gpt2kit.train import compute_loss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
-    return model.train(), model
+    return model.train(), lambda x: compute_loss(model, model.lm_head, x)
 
 
 def worker(args) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from gpt2kit.memory import process_peak_rss
     from gpt2kit.train_config import TrainConfig
@@ -72,7 +76,7 @@ def worker(args) -> dict:
     from gpt2kit.train_setup import make_optimizer
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, forward = build(args.worker, args.folder, device)
+    model, compute_loss = build(args.worker, args.folder, device)
     optimizer = make_optimizer(model, TrainConfig(out="-"), device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     half = None if args.dtype == "float32" else getattr(torch, args.dtype)
@@ -81,8 +85,7 @@ def worker(args) -> dict:
 
     def step():
         with autocast(device, half):
-            logits = forward(x[:, :-1])  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = compute_loss(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -151,6 +151,10 @@ def test_finetune_jokes_end_to_end(jokes, tiny_folder, tmp_path):
     assert len(samples) == 6 and all(isinstance(s["memorized"], bool) for s in samples)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for _, p in runs.Run(out).step_dirs()] == ["step-0000020", "step-0000040"]
+    first, last = (out / "checkpoints" / name for name in ("step-0000020", "step-0000040"))
+    changed = {p.name for p in last.iterdir() if p.name not in runs.TRAINER_FILES
+               and p.read_bytes() != (first / p.name).read_bytes()}
+    assert changed == {"model.safetensors"}  # so publishing it last never shows a mix of models
     assert json.loads((out / "run.json").read_text())["train"]["max_steps"] == 40
 
     import transformers
@@ -286,8 +290,8 @@ def test_nan_loss_stops_before_touching_the_weights(jokes, tiny_folder, tmp_path
     real = train.compute_loss
     calls = iter(range(10**6))
 
-    def poisoned(net, x):
-        loss = real(net, x)
+    def poisoned(net, head, x):
+        loss = real(net, head, x)
         return loss * float("nan") if next(calls) == 2 else loss  # the third step
     monkeypatch.setattr(train, "compute_loss", poisoned)
     out = tmp_path / "nan"
@@ -409,6 +413,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert list(model.state_dict()) == list(GPT(cfg).state_dict())  # names unchanged
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_fused_head_loss_matches_the_plain_path(monkeypatch):
+    """HeadCrossEntropy (chunks of rows, gradients made in the forward) against cross_entropy
+    over the whole logits: the loss, both gradients scaled by the caller, a frozen head (LoRA)."""
+    import gpt2kit.train as train
+    monkeypatch.setattr(train, "LOSS_CHUNK", 7)  # 3 chunks, the last one short
+    cfg = ModelConfig(vocab_size=96, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = GPT(cfg).train()
+    x = torch.randint(0, 96, (2, 11))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = train.compute_loss(model, model.lm_head, x) if fused else \
+            torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        (loss / 4).backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fused_loss, fused), (plain_loss, plain) = grads
+    assert fused_loss == pytest.approx(plain_loss, abs=1e-6)
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], atol=1e-7), name
+    model.zero_grad(set_to_none=True)
+    model.transformer.wte.weight.requires_grad_(False)
+    train.compute_loss(model, model.lm_head, x).backward()
+    assert model.transformer.wte.weight.grad is None and model.transformer.ln_f.weight.grad is not None
 
 
 def test_grad_checkpointing_run_matches_plain(jokes, tiny_folder, tmp_path):

@@ -103,15 +103,17 @@ def wrap(model: GPT, world: World, device: torch.device, fsdp: bool = False) -> 
 def shard(model: GPT, world: World, device: torch.device) -> GPT:
     """FSDP2 over the loaded model: each block its own group (gathered for its forward, freed
     after, gathered again for its backward), then the root for the rest (embeddings with the tied
-    head, ln_f). Every process loaded the whole model first and keeps its 1/N here. Gradients are
-    reduce-scattered at every micro-step rather than held whole until the last (`no_sync`):
-    sharded gradients are the memory FSDP is for."""
+    head, ln_f). Every process loaded the same whole model (checkpoint, or seeded initialisation)
+    and keeps its 1/N here. Gradients are reduce-scattered at every micro-step rather than held
+    whole until the last (`no_sync`): sharded gradients are the memory FSDP is for."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world.world_size,))  # explicit: a CPU run on a GPU host
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The root stays gathered after forward (FSDP2's default for it, relied on here): the training
+    # loss runs the tied head on the forward's output (train.compute_loss).
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 
 
@@ -135,6 +137,7 @@ def full_copy(model: GPT, world: World, device: torch.device) -> GPT | None:
         return None
     with torch.device("meta"):
         copy = GPT(model.config)
+    state.pop("lm_head.weight", None)  # listed or not, depending on how the tie was made
     result = copy.load_state_dict(state, strict=False, assign=True)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys, result
     copy.tie_weights()

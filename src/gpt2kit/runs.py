@@ -14,8 +14,11 @@
 
 A checkpoint is written into a hidden temporary folder, flushed to disk and renamed into place
 (CASES F1), so a crash leaves the previous checkpoints untouched; the top-level model files are
-hard links to the newest checkpoint's, each swapped in with one rename. Resume reads tensors
-only through `torch.load(weights_only=True)` and state as JSON: no pickled objects (CASES F9).
+hard links to the newest checkpoint's, each swapped in with one rename. That is enough for a
+reader of the top level never to see a mix of two models: within a run only the weights file
+changes from one checkpoint to the next (config, tokenizer and generation config are fixed by what
+--resume checks), and it is swapped in last. Resume reads tensors only through
+`torch.load(weights_only=True)` and state as JSON: no pickled objects (CASES F9).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ class Job:
     tokenizer: Tokenizer
     emit: Callable[[dict], None]
     data: PreparedData | None = None
-    net: torch.nn.Module | None = None  # what the training forward runs: compiled and/or DDP
-    # (under FSDP, `model` itself is sharded in place: `net` is the same module, or its compiled form)
+    # What the training forward runs: DDP over `model`, or `model` itself sharded in place by
+    # FSDP; compiled with --compile.
+    net: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     autocast_dtype: torch.dtype | None = None
@@ -254,14 +255,15 @@ def plan_steps(job: Job) -> None:
             raise ResumeMismatch(job.run.path, problems)
 
 
-def check_memory(job: Job) -> None:
-    """The run's summary, and NotEnoughMemory before training when the estimate does not fit."""
+def check_memory(job: Job, loss_rows: int | None) -> None:
+    """The run's summary, and NotEnoughMemory before training when the estimate does not fit.
+    `loss_rows`: logits rows the loss holds at a time (None: all, the plain loss)."""
     trainable, total = trainable_parameters(job.model)
     half = job.autocast_dtype in (torch.bfloat16, torch.float16)
     shards = job.world.world_size if job.cfg.fsdp else 1
     est = estimate(job.model.config, total, trainable, job.cfg.batch_size // job.world.world_size,
                    job.data.block_size, job.cfg.grad_checkpointing, job.model.config.dropout,
-                   activation_bytes=2 if half else 4, shards=shards)
+                   activation_bytes=2 if half else 4, shards=shards, loss_rows=loss_rows)
     available = available_memory(job.device)
     job.summary = describe(job, trainable, total, est, available)
     processes = job.world.local_world_size if job.device.type == "cpu" else 1
@@ -270,12 +272,14 @@ def check_memory(job: Job) -> None:
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings (dim >= 2) only, as nanoGPT: biases and
-    LayerNorm gains are not decayed. Betas (0.9, 0.95) as GPT-3; the fused kernel on CUDA."""
+    LayerNorm gains are not decayed. Betas (0.9, 0.95) as GPT-3. The fused kernel on CPU as on
+    CUDA: one pass over each parameter instead of a dozen (on CPU the default is a per-tensor
+    loop; fused takes GPT-2 124M's step from about 0.35 s to 0.08 s on 2 cores)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cpu", "cuda"))
 
 
 def restore(job: Job, folder: Path) -> None:
