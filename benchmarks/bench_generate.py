@@ -1,22 +1,43 @@
-"""Decode speed: gpt2kit vs transformers on the same random GPT-2 weights, in one run.
+"""Decode and prefill speed: gpt2kit vs its peers on the same random GPT-2 weights, in one run.
 
-    python benchmarks/bench_generate.py                  # 124M shape, batch 1 and 8, 128 new tokens
+    python benchmarks/bench_generate.py                  # 124M shape, batch 1 and 8, every engine installed
+    python benchmarks/bench_generate.py --engines transformers,gpt2kit --repeats 5
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16
 
-Greedy decoding, a fixed 16-token prompt per row, <|endoftext|> ignored so every run generates
-exactly --new-tokens tokens. The two engines run interleaved, --repeats times each, after one
-warm-up; the table shows the median tokens/s (with min-max spread) and the ratio of medians.
-Absolute numbers on a shared machine are noise; the ratio is the result.
+Engines (each skipped with a note when its package is missing; `pip install -e ".[bench]"`):
+  transformers          GPT2LMHeadModel.generate, its default (SDPA) attention
+  gpt2kit, gpt2kit-int8 gpt2kit.load(folder) and load(folder, quantize="int8")
+  ctranslate2, ctranslate2-int8
+                        the folder converted by CTranslate2's own `ct2-transformers-converter`,
+                        run as float32 and with compute_type int8
+  llama.cpp-f32, -f16, -q8_0
+                        llama-cpp-python on the folder exported to GGUF (llama.cpp's gguf
+                        library via `gpt2kit convert --to gguf`: llama-cpp-python ships no
+                        converter); batch 1 only, as its Python API decodes one sequence
+
+Decode: greedy, a fixed --prompt-tokens prompt per row, end-of-text ignored, so every engine
+generates exactly --new-tokens tokens per row. Prefill: the time to the first token of a
+--prefill-tokens prompt at batch 1. The engines run interleaved, --repeats times each after one
+warm-up; the tables show the median (with min-max spread) and the ratio of medians to
+transformers. Absolute numbers on a shared machine are noise; the ratios are the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+ENGINES = ("transformers", "gpt2kit", "gpt2kit-int8", "ctranslate2", "ctranslate2-int8",
+           "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
 
 
 def parse_args():
@@ -25,14 +46,109 @@ def parse_args():
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--prefill-tokens", type=int, default=512, help="0 skips the prefill table")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from: " + ", ".join(ENGINES))
     return p.parse_args()
 
 
-def build_models(args, folder: str):
+# ---- engines: each runs greedy decoding and returns how many tokens it generated per row ------
+
+class Transformers:
+    batch_sizes = None  # any
+
+    def __init__(self, folder: str, args):
+        import transformers
+        self.model = transformers.GPT2LMHeadModel.from_pretrained(
+            folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> int:
+        ids = torch.tensor(prompts, device=self.model.device)
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return out.shape[1] - ids.shape[1]
+
+
+class Gpt2kit:
+    batch_sizes = None
+
+    def __init__(self, folder: str, args, quantize: str | None = None):
+        import gpt2kit
+        kwargs = {"quantize": quantize} if quantize else {}
+        self.model = gpt2kit.load(folder, device=args.device, dtype=args.dtype, **kwargs)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> int:
+        from gpt2kit.config import GenerationConfig
+        from gpt2kit.generate import generate_events
+        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
+        events = generate_events(self.model.module, self.model.tokenizer, prompts, cfg)
+        done = [e.completion for e in events if e.completion]
+        return len(done[0].token_ids)
+
+
+class CTranslate2:
+    batch_sizes = None
+
+    def __init__(self, folder: str, args, compute_type: str = "float32"):
+        import ctranslate2
+        converted = Path(folder) / "ct2"
+        if not converted.exists():
+            subprocess.run(["ct2-transformers-converter", "--model", folder, "--output_dir", str(converted)],
+                           check=True, capture_output=True)
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+        if compute_type == "float32" and args.dtype != "float32":
+            compute_type = args.dtype
+        self.generator = ctranslate2.Generator(str(converted), device=device, compute_type=compute_type,
+                                               intra_threads=args.threads)
+        vocab = json.loads((Path(folder) / "vocab.json").read_text(encoding="utf-8"))
+        self.names = {i: token for token, i in vocab.items()}
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> int:
+        tokens = [[self.names[i] for i in row] for row in prompts]
+        out = self.generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens,
+                                            sampling_topk=1, include_prompt_in_result=False)
+        return len(out[0].sequences_ids[0])
+
+
+class LlamaCpp:
+    batch_sizes = (1,)
+
+    def __init__(self, folder: str, args, type: str):
+        import llama_cpp
+
+        import gpt2kit
+        path = Path(folder) / f"model-{type}.gguf"
+        gpt2kit.convert(folder, to="gguf", out=path, type=type)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(args.prefill_tokens, args.prompt_tokens)
+                                   + args.new_tokens + 8, n_batch=512, n_threads=args.threads,
+                                   n_threads_batch=args.threads, verbose=False)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> int:
+        self.llm.reset()
+        n = 0
+        for n, _ in enumerate(self.llm.generate(prompts[0], top_k=1, temp=0.0, repeat_penalty=1.0), 1):
+            if n == new_tokens:
+                break
+        return n
+
+
+FACTORIES = {
+    "transformers": (Transformers, "transformers", {}),
+    "gpt2kit": (Gpt2kit, "gpt2kit", {}),
+    "gpt2kit-int8": (Gpt2kit, "gpt2kit", {"quantize": "int8"}),
+    "ctranslate2": (CTranslate2, "ctranslate2", {}),
+    "ctranslate2-int8": (CTranslate2, "ctranslate2", {"compute_type": "int8"}),
+    "llama.cpp-f32": (LlamaCpp, "llama_cpp", {"type": "f32"}),
+    "llama.cpp-f16": (LlamaCpp, "llama_cpp", {"type": "f16"}),
+    "llama.cpp-q8_0": (LlamaCpp, "llama_cpp", {"type": "q8_0"}),
+}
+
+
+def build_engines(args, folder: str) -> dict:
     import transformers
 
     import gpt2kit
@@ -41,66 +157,95 @@ def build_models(args, folder: str):
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
     transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(folder)
-    dtype = getattr(torch, args.dtype)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    ours = gpt2kit.load(folder, device=args.device, dtype=args.dtype)
-    return hf, ours
+    gpt2kit.Tokenizer.default().save(folder)  # CTranslate2's converter reads the vocabulary
+    engines = {}
+    for name in args.engines.split(","):
+        if name not in FACTORIES:
+            sys.exit(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+        cls, package, kwargs = FACTORIES[name]
+        if importlib.util.find_spec(package) is None:
+            print(f"({name}: skipped, {package} is not installed)")
+            continue
+        if cls is LlamaCpp and args.device != "cpu":
+            print(f"({name}: skipped, this llama-cpp-python build runs on the CPU)")
+            continue
+        try:
+            engines[name] = cls(folder, args, **kwargs)
+        except TypeError as e:  # gpt2kit-int8 on a build without quantization
+            print(f"({name}: skipped, {e})")
+    return engines
 
 
-def run_hf(hf, prompts, new_tokens):
-    ids = torch.tensor(prompts, device=hf.device)
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out.shape[1] - ids.shape[1]
+# ---- measurement ------------------------------------------------------------------------------
 
-
-def run_ours(model, prompts, new_tokens):
-    from gpt2kit.config import GenerationConfig
-    from gpt2kit.generate import generate_events
-    cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
-    done = [e.completion for e in generate_events(model.module, model.tokenizer, prompts, cfg) if e.completion]
-    return len(done[0].token_ids)
-
-
-def timed(fn, *a):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def timed(fn) -> tuple[int, float]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
-    n = fn(*a)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    n = fn()
+    sync()
     return n, time.perf_counter() - start
+
+
+def measure(engines: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run for each engine, interleaved, after one warm-up each."""
+    runs = {name: (lambda e=e: e.run(prompts, new_tokens)) for name, e in engines.items()}
+    for fn in runs.values():
+        fn()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            n, s = timed(fn)
+            assert n == new_tokens, f"{name} generated {n} tokens, not {new_tokens}"
+            seconds[name].append(s)
+    return seconds
+
+
+def cell(values: list[float], fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def ratio(values: list[float], base: list[float] | None) -> str:
+    return f"{statistics.median(values) / statistics.median(base):.2f}x" if base else "-"
 
 
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    g = torch.Generator().manual_seed(1)
     with tempfile.TemporaryDirectory() as folder:
-        hf, ours = build_models(args, folder)
-        g = torch.Generator().manual_seed(1)
-        rows = []
-        for batch in map(int, args.batch_sizes.split(",")):
+        engines = build_engines(args, folder)
+        decode = {}
+        for batch in batches:
             prompts = torch.randint(0, 50000, (batch, args.prompt_tokens), generator=g).tolist()
-            engines = {"transformers": lambda: run_hf(hf, prompts, args.new_tokens),
-                       "gpt2kit": lambda: run_ours(ours, prompts, args.new_tokens)}
-            for fn in engines.values():  # warm-up
-                fn()
-            speeds = {name: [] for name in engines}
-            for _ in range(args.repeats):
-                for name, fn in engines.items():
-                    n, seconds = timed(fn)
-                    assert n == args.new_tokens, f"{name} generated {n} tokens"
-                    speeds[name].append(batch * n / seconds)
-            rows.append((batch, speeds))
-    print(f"decode, {args.size} shape, random weights, greedy, {args.new_tokens} new tokens, "
-          f"{args.device} {args.dtype}, {args.threads} threads, median of {args.repeats} (min-max)")
-    print("| batch | transformers tok/s | gpt2kit tok/s | ratio |")
-    print("| --- | --- | --- | --- |")
-    for batch, speeds in rows:
-        cells = [f"{statistics.median(s):.1f} ({min(s):.1f}-{max(s):.1f})" for s in speeds.values()]
-        ratio = statistics.median(speeds["gpt2kit"]) / statistics.median(speeds["transformers"])
-        print(f"| {batch} | {cells[0]} | {cells[1]} | {ratio:.2f}x |")
+            able = {n: e for n, e in engines.items() if e.batch_sizes is None or batch in e.batch_sizes}
+            secs = measure(able, prompts, args.new_tokens, args.repeats)
+            decode[batch] = {n: [batch * args.new_tokens / s for s in v] for n, v in secs.items()}
+        prefill = {}
+        if args.prefill_tokens:
+            prompt = torch.randint(0, 50000, (1, args.prefill_tokens), generator=g).tolist()
+            prefill = {n: [s * 1e3 for s in v] for n, v in measure(engines, prompt, 1, args.repeats).items()}
+
+    print(f"\ndecode, {args.size} shape, random weights, greedy, {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens, {args.device} {args.dtype}, {args.threads} threads; "
+          f"tokens/s, median of {args.repeats} (min-max), ratio to transformers")
+    print("| engine | " + " | ".join(f"batch {b} tok/s | ratio" for b in batches) + " |")
+    print("| --- |" + " --- | --- |" * len(batches))
+    for name in engines:
+        cells = []
+        for b in batches:
+            v = decode[b].get(name)
+            cells += [cell(v), ratio(v, decode[b].get("transformers"))] if v else ["-", "-"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if prefill:
+        print(f"\nprefill, batch 1, {args.prefill_tokens}-token prompt to the first token; ms, "
+              "median (min-max), speed ratio to transformers")
+        print("| engine | ms | speed ratio |\n| --- | --- | --- |")
+        base = prefill.get("transformers")
+        for name, v in prefill.items():
+            speed = f"{statistics.median(base) / statistics.median(v):.2f}x" if base else "-"
+            print(f"| {name} | {cell(v, '{:.0f}')} | {speed} |")
 
 
 if __name__ == "__main__":
