@@ -95,6 +95,21 @@ def test_weights_are_assigned_not_initialised(st_folder, ref_logits, monkeypatch
     assert (our_logits(load(st_folder).model) - ref_logits).abs().max() < TOL
 
 
+def test_loaded_model_survives_its_file_being_rewritten(copy_of):
+    """No tensor stays a view of the memory-mapped safetensors file: truncating the file (a new
+    checkpoint written over it) while the model is in use would otherwise kill the process with
+    SIGBUS. Run in a subprocess, so a failure is an exit code rather than a dead test runner."""
+    import subprocess
+    import sys
+    folder = copy_of
+    script = (f"import torch\nfrom gpt2kit.checkpoints import load_model\n"
+              f"m = load_model({str(folder)!r}, torch.device('cpu'), torch.float32).model\n"
+              f"open({str(folder / 'model.safetensors')!r}, 'wb').close()\n"
+              f"print(sum(p.sum().item() for p in m.parameters()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+
+
 def test_bin_folder(ref, ref_logits, tmp_path):
     folder = save_bin(ref, tmp_path / "bin")
     loaded = load(folder)

@@ -206,7 +206,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[Named], where: Path, device:
         stored.add(tensor.dtype)
         if key == TIED:
             continue  # the head is the embedding (tied), as in the released models
-        state[key] = layout.to_ours(tensor).to(device=device, dtype=dtype).contiguous()
+        # Always a copy: safetensors hands out views of the memory-mapped file, which would keep
+        # every page read resident a second time and crash (SIGBUS) if the file were rewritten
+        # while the model is in use.
+        state[key] = layout.to_ours(tensor).to(device=device, dtype=dtype, copy=True,
+                                               memory_format=torch.contiguous_format)
     missing = sorted(set(expected) - set(state) - {TIED})
     if missing or unexpected:
         raise CheckpointError(f"the weights in {where} do not match GPT-2 "
