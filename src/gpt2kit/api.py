@@ -14,30 +14,38 @@ from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
 from .evaluate import Scores
 from .generate import Completion, generate_events
+from .quantize import check_quantize, quantize_int8
 from .runtime import prepare_for_inference, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 
 def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
-         revision: str | None = None) -> "Model":
+         revision: str | None = None, quantize: str | None = None) -> "Model":
     """Load a GPT-2 from a hub id (`gpt2`, `openai-community/gpt2-large`), a Hugging Face-layout
     folder or a single weights file. `device`: auto | cpu | cuda[:N]; `dtype`: auto | float32 |
-    bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)."""
+    bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU), the dtype of the activations
+    (and of the weights unless quantized); `quantize`: None or "int8" (weight-only int8 with a
+    scale per output channel, see gpt2kit.quantize)."""
+    check_quantize(quantize)
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
     n_params = sum(p.numel() for p in loaded.model.parameters())  # before packing turns them into buffers
-    prepare_for_inference(loaded.model)
+    if quantize == "int8":
+        quantize_int8(loaded.model)
+    else:
+        prepare_for_inference(loaded.model)
     tokenizer = loaded.load_tokenizer()
-    return Model(loaded, tokenizer, n_params)
+    return Model(loaded, tokenizer, n_params, quantize)
 
 
 class Model:
     """A loaded GPT-2 with its tokenizer. Generation options are `GenerationConfig` fields, passed
     as a config object, keyword arguments, or both (keywords win)."""
 
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, n_params: int):
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, n_params: int, quantize: str | None = None):
         self.module = loaded.model
         self.n_params = n_params
+        self.quantize = quantize
         self.config: ModelConfig = loaded.config
         self.tokenizer = tokenizer
         self.source = loaded.source
@@ -150,6 +158,7 @@ class Model:
             "context": cfg.n_positions, "vocab_size": cfg.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "stored_dtype": self.loaded.weights_dtype,
+            "quantize": self.quantize,
             "device": str(self.device),
             "tokenizer": self.tokenizer.source,
         }

@@ -15,6 +15,8 @@ from dataclasses import field as _field  # DataConfig has a field named "field"
 
 from .errors import OptionError
 
+QUANTIZE = ("int8",)  # gpt2kit.load(quantize=...) and --quantize: weight-only int8 (gpt2kit.quantize)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..config import GenerationConfig, option_fields
+from ..config import QUANTIZE, GenerationConfig, option_fields
 
 # Fields whose flag is not simply --field-name (the CLI keeps the names users know).
 
@@ -78,3 +78,11 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--dtype", default="auto",
                         help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default=None,
+                        help="store the weights as int8 (one scale per output channel; activations "
+                        "stay in --dtype): a quarter of the memory, faster decoding on CPU")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """gpt2kit.load's keyword arguments from the flags add_model_flags added."""
+    return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize}

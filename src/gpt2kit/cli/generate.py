@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import GenerationConfig
 from ..errors import OptionError
 from .files import read_lines, write_output
-from .flags import add_dataclass_flags, add_model_flags, generation_config
+from .flags import add_dataclass_flags, add_model_flags, generation_config, load_options
 
 
 SEPARATOR = "=" * 20
@@ -49,7 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.output and args.output.suffix not in (".txt", ".jsonl"):
         raise OptionError("output", f"must end in .txt or .jsonl, got {args.output.name!r}")
     from ..api import load
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, **load_options(args))
     if args.stream and not args.output:
         return stream_to_stdout(model, prompts, cfg)
     completions = model.complete(prompts, cfg)

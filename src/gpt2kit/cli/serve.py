@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_dataclass_flags, add_model_flags, options_for
+from .flags import add_dataclass_flags, add_model_flags, load_options, options_for
 
 
 SERVE_EXAMPLES = """examples:
@@ -25,5 +25,5 @@ def run_serve(args: argparse.Namespace) -> int:
     options = options_for(ServerConfig, args)
     if "api_key" not in options and os.environ.get("GPT2KIT_API_KEY"):
         options["api_key"] = os.environ["GPT2KIT_API_KEY"]
-    serve(args.model, ServerConfig(**options), device=args.device, dtype=args.dtype)
+    serve(args.model, ServerConfig(**options), **load_options(args))
     return 0

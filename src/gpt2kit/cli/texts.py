@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputFileError, OptionError
 from .files import read_lines, write_output
-from .flags import add_model_flags
+from .flags import add_model_flags, load_options
 
 
 SCORE_EXAMPLES = """output: one JSON line per text (to --output, else standard output):
@@ -99,7 +99,7 @@ def texts_and_model(args: argparse.Namespace, suffix: str):
     if args.output and args.output.suffix != suffix:
         raise OptionError("output", f"must end in {suffix}, got {args.output.name!r}")
     from ..api import load
-    return texts, load(args.model, device=args.device, dtype=args.dtype)
+    return texts, load(args.model, **load_options(args))
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import sys
 
 from ..config import DataConfig, LoraConfig
 from ..errors import OptionError
-from .flags import add_dataclass_flags, add_model_flags, options_for
+from .flags import add_dataclass_flags, add_model_flags, load_options, options_for
 
 
 FINETUNE_EXAMPLES = """examples:
@@ -63,7 +63,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     data = DataConfig(path=args.data, **options_for(DataConfig, args))
     from ..api import load
-    scores = load(args.model, device=args.device, dtype=args.dtype).evaluate(data, stride=args.stride)
+    scores = load(args.model, **load_options(args)).evaluate(data, stride=args.stride)
     result = {"loss": scores.nll, "perplexity": scores.ppl, "tokens": scores.n_tokens}
     if args.json:
         print(json.dumps(result))

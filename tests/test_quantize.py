@@ -1,0 +1,93 @@
+"""Weight-only int8 (gpt2kit.quantize): the kernels against the dequantized weight, the loaded
+model against its float32 self, a trained-then-quantized model's greedy agreement, bad input."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt2kit
+from gpt2kit.quantize import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, compare, int8_matmul, quantize_rows
+
+from conftest import SHARED_DATA, tiny_hf_model
+
+
+def test_per_row_quantization_error_is_at_most_half_a_step():
+    w = torch.randn(64, 48)
+    w[3] = 0  # an all-zero row gets a tiny scale, not a division by zero
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    assert (w - q.float() * scale[:, None]).abs().le(scale[:, None] / 2 + 1e-7).all()
+    assert q[3].eq(0).all() and q.abs().max() == 127
+
+
+@pytest.mark.parametrize("rows", [1, 3, FUSED_MAX_ROWS + 5])  # the fused kernel, then dequantize + matmul
+def test_int8_matmul_equals_the_dequantized_product(rows):
+    q, scale = quantize_rows(torch.randn(96, 80))
+    x = torch.randn(rows, 80)
+    expected = F.linear(x, q.float() * scale[:, None])
+    assert torch.allclose(int8_matmul(x, q, scale), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_matmul_in_bfloat16():
+    q, scale = quantize_rows(torch.randn(96, 80))
+    x = torch.randn(2, 80)
+    y = int8_matmul(x.bfloat16(), q, scale.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), F.linear(x, q.float() * scale[:, None]), atol=0.1, rtol=0.02)
+
+
+def test_loaded_int8_model_is_close_to_float32(tiny_folder, tiny_model):
+    int8 = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
+    blocks = int8.module.transformer.h
+    assert all(isinstance(m, Int8Linear) for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert isinstance(int8.module.transformer.wte, Int8Embedding)
+    assert int8.module.lm_head.weight is int8.module.transformer.wte.weight  # still tied, one int8 copy
+    assert int8.info()["quantize"] == "int8" and int8.info()["parameters"] == tiny_model.info()["parameters"]
+    ids = torch.randint(0, 50257, (2, 20))
+    expected, got = tiny_model.logits(ids), int8.logits(ids)
+    assert (got - expected).abs().max() < 0.05 * expected.std()
+    # decoding (one row at a time: the fused kernel) agrees with the full forward pass
+    completion = int8.complete("Hello there", max_new_tokens=6, temperature=0, stop_at_eos=False)[0]
+    prompt = int8.tokenizer.encode("Hello there")
+    logits = int8.logits(prompt + completion.token_ids)[0, len(prompt) - 1:-1]
+    assert logits.argmax(-1).tolist() == completion.token_ids
+
+
+def test_quantize_option_is_checked(tiny_folder):
+    with pytest.raises(gpt2kit.OptionError, match="quantize.*int8.*'int4'"):
+        gpt2kit.load(tiny_folder, device="cpu", quantize="int4")
+
+
+def test_cli_generate_with_quantize(tiny_folder):
+    run = [sys.executable, "-m", "gpt2kit", "generate", "Hello", "-m", str(tiny_folder), "--device", "cpu",
+           "--max-new-tokens", "5", "--seed", "1"]
+    done = subprocess.run(run + ["--quantize", "int8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello")
+    bad = subprocess.run(run + ["--quantize", "int4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int4'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path):
+    """A model trained on the jokes (a random model's near-uniform logits flip at any
+    perturbation) keeps most of its greedy tokens. A regression guard, cheap enough for CI:
+    the issue's measurement (>= 95% on a larger model trained longer) is
+    benchmarks/bench_quantize.py, in RESULTS.md."""
+    tiny_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=128).save_pretrained(tmp_path / "init")
+    data = gpt2kit.DataConfig(path=str(SHARED_DATA / "onelinefun.csv"), column="Joke", block_size=64)
+    run = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), batch_size=8,
+                           max_steps=120, learning_rate=3e-3, eval_batches=1, sample_every=0,
+                           device="cpu", progress=False).out
+    with open(SHARED_DATA / "onelinefun.csv", newline="", encoding="utf-8") as f:
+        jokes = [row["Joke"] for row in csv.DictReader(f)][-30:]
+    prompts = [" ".join(joke.split()[:3]) for joke in jokes]
+    report = compare(gpt2kit.load(run, device="cpu"), gpt2kit.load(run, device="cpu", quantize="int8"), prompts, 24)
+    assert report.token_agreement >= 0.85, report  # 0.94-0.95 measured; a broken kernel gives < 0.3
+    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.002
