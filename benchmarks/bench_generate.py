@@ -7,6 +7,9 @@
 Engines (each skipped with a note when its package is missing; `pip install -e ".[bench]"`):
   transformers          GPT2LMHeadModel.generate, its default (SDPA) attention
   gpt2kit, gpt2kit-int8 gpt2kit.load(folder) and load(folder, quantize="int8")
+  gpt2kit-compile, gpt2kit-int8-compile
+                        the same with compile=True (one torch.compile'd decode step; its
+                        compilation happens in the warm-up run, outside the timing)
   ctranslate2, ctranslate2-int8
                         the folder converted by CTranslate2's own `ct2-transformers-converter`,
                         run as float32 and with compute_type int8
@@ -36,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("transformers", "gpt2kit", "gpt2kit-int8", "ctranslate2", "ctranslate2-int8",
+ENGINES = ("transformers", "gpt2kit", "gpt2kit-int8", "gpt2kit-compile", "gpt2kit-int8-compile",
+           "ctranslate2", "ctranslate2-int8",
            "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
 
 
@@ -76,10 +80,9 @@ class Transformers:
 class Gpt2kit:
     batch_sizes = None
 
-    def __init__(self, folder: str, args, quantize: str | None = None):
+    def __init__(self, folder: str, args, **options):
         import gpt2kit
-        kwargs = {"quantize": quantize} if quantize else {}
-        self.model = gpt2kit.load(folder, device=args.device, dtype=args.dtype, **kwargs)
+        self.model = gpt2kit.load(folder, device=args.device, dtype=args.dtype, **options)
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> int:
         from gpt2kit.config import GenerationConfig
@@ -140,6 +143,8 @@ FACTORIES = {
     "transformers": (Transformers, "transformers", {}),
     "gpt2kit": (Gpt2kit, "gpt2kit", {}),
     "gpt2kit-int8": (Gpt2kit, "gpt2kit", {"quantize": "int8"}),
+    "gpt2kit-compile": (Gpt2kit, "gpt2kit", {"compile": True}),
+    "gpt2kit-int8-compile": (Gpt2kit, "gpt2kit", {"quantize": "int8", "compile": True}),
     "ctranslate2": (CTranslate2, "ctranslate2", {}),
     "ctranslate2-int8": (CTranslate2, "ctranslate2", {"compute_type": "int8"}),
     "llama.cpp-f32": (LlamaCpp, "llama_cpp", {"type": "f32"}),
@@ -171,7 +176,7 @@ def build_engines(args, folder: str) -> dict:
             continue
         try:
             engines[name] = cls(folder, args, **kwargs)
-        except TypeError as e:  # gpt2kit-int8 on a build without quantization
+        except TypeError as e:  # an option this gpt2kit build does not have
             print(f"({name}: skipped, {e})")
     return engines
 

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import features
+from . import compiled_decode, features
 from .checkpoints import LoadedModel, load_model
 from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
@@ -20,12 +20,14 @@ from .tokenizer import Tokenizer
 
 
 def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
-         revision: str | None = None, quantize: str | None = None) -> "Model":
+         revision: str | None = None, quantize: str | None = None, compile: bool = False) -> "Model":
     """Load a GPT-2 from a hub id (`gpt2`, `openai-community/gpt2-large`), a Hugging Face-layout
     folder or a single weights file. `device`: auto | cpu | cuda[:N]; `dtype`: auto | float32 |
     bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU), the dtype of the activations
     (and of the weights unless quantized); `quantize`: None or "int8" (weight-only int8 with a
-    scale per output channel, see gpt2kit.quantize)."""
+    scale per output channel, see gpt2kit.quantize); `compile`: decode with one torch.compile'd
+    fixed-shape step (CUDA graphs on CUDA; see gpt2kit.compiled_decode): the first generation of
+    each batch shape compiles for seconds to a minute, later ones run faster."""
     check_quantize(quantize)
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
@@ -34,6 +36,8 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
         quantize_int8(loaded.model)
     else:
         prepare_for_inference(loaded.model)
+    if compile:
+        compiled_decode.enable(loaded.model)
     tokenizer = loaded.load_tokenizer()
     return Model(loaded, tokenizer, n_params, quantize)
 

@@ -86,6 +86,8 @@ def _fused():
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float times the int8 weight (N, K) with per-row scales (N,) in x's dtype: (M, N)."""
     global _use_fused
+    if torch.compiler.is_compiling():  # traced into a compiled decode step, which fuses it itself
+        return (_int8_rows if x.shape[0] <= FUSED_MAX_ROWS else _int8_dequantized)(x, weight, scale)
     if x.shape[0] <= FUSED_MAX_ROWS and _use_fused:
         try:
             return _fused()(x, weight, scale)

@@ -22,6 +22,7 @@ from typing import Generic, Sequence, TypeVar
 
 import torch
 
+from . import compiled_decode
 from .kv_cache import KVCache
 from .model import GPT
 
@@ -29,11 +30,20 @@ R = TypeVar("R")
 
 
 class RunningBatch(Generic[R]):
-    """Up to `capacity` sequences (any row objects `R`) with their next-token logits."""
+    """Up to `capacity` sequences (any row objects `R`) with their next-token logits.
 
-    def __init__(self, model: GPT, capacity: int, max_len: int | None = None):
+    `compiled`: True (default) decodes with the step `compiled_decode.enable` attached to the
+    model, if any; False decodes eagerly; or the `CompiledDecode` step to use."""
+
+    def __init__(self, model: GPT, capacity: int, max_len: int | None = None,
+                 compiled: compiled_decode.CompiledDecode | bool = True):
         self.model = model
-        self.cache = KVCache.for_model(model, capacity, max_len)
+        self.compiled = compiled_decode.attached(model) if compiled is True else compiled or None
+        if self.compiled:  # a cache of the compiled step's shape (it may have spare rows and slots)
+            self.cache = KVCache.for_model(model, *self.compiled.cache_shape(capacity, max_len))
+            self.compiled.prepare(self.cache)
+        else:
+            self.cache = KVCache.for_model(model, capacity, max_len)
         self.capacity = capacity
         self.rows: list[R] = []
         self.pads: list[int] = []
@@ -107,6 +117,10 @@ class RunningBatch(Generic[R]):
 
     def decode(self, tokens: Sequence[int]) -> None:
         """Feed one token per row (in row order) at slot `start`; refresh `self.logits`."""
+        if self.compiled:
+            self.logits = self.compiled(self.cache, list(tokens), self.start, self.pads)
+            self.start += 1
+            return
         device = self.cache.k[0].device
         idx = torch.tensor(tokens, device=device)[:, None]
         pad = torch.tensor(self.pads, device=device) if any(self.pads) else None

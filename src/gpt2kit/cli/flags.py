@@ -81,8 +81,11 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
     parser.add_argument("--quantize", choices=QUANTIZE, default=None,
                         help="store the weights as int8 (one scale per output channel; activations "
                         "stay in --dtype): a quarter of the memory, faster decoding on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with a torch.compile'd fixed-shape step (CUDA graphs on CUDA): "
+                        "the first generation compiles for up to a minute, later ones run faster")
 
 
 def load_options(args: argparse.Namespace) -> dict:
     """gpt2kit.load's keyword arguments from the flags add_model_flags added."""
-    return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize}
+    return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize, "compile": args.compile}

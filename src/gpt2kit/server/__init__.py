@@ -14,7 +14,7 @@ from .settings import ServerConfig
 
 
 def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "auto",
-          dtype: str = "auto", quantize: str | None = None) -> None:
+          dtype: str = "auto", quantize: str | None = None, compile: bool = False) -> None:
     """Load a model (as `gpt2kit.load` takes it) and serve it until SIGINT/SIGTERM (in-flight
     requests get `settings.shutdown_timeout` seconds to finish)."""
     settings = settings or ServerConfig()
@@ -24,7 +24,7 @@ def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "
         raise Gpt2kitError("the server needs FastAPI and uvicorn: pip install 'gpt2kit[serve]'") from None
     from ..api import load
     from .app import create_app
-    model = load(model_spec, device=device, dtype=dtype, quantize=quantize)
+    model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile)
     app = create_app(model, settings, served=model_spec)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",

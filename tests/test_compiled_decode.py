@@ -1,0 +1,145 @@
+"""The compiled fixed-shape decode step against the eager one: same tokens, same logits.
+
+Each compilation takes seconds, so the compiled models are module-scoped and the tests share
+cache shapes: (1, 64) and (4, 64) rows x slots for the float32 model, one shape for bfloat16.
+"""
+
+import pytest
+import torch
+
+import gpt2kit
+from gpt2kit import compiled_decode
+from gpt2kit.config import GenerationConfig
+from gpt2kit.generate import generate_events, make_rows, step
+from gpt2kit.running_batch import RunningBatch
+
+GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
+
+
+@pytest.fixture(scope="module")
+def compiled_model(tiny_folder):
+    """The tiny model (float32, CPU inference layout: oneDNN packed linears) with the compiled step."""
+    model = gpt2kit.load(tiny_folder, device="cpu")
+    compiled_decode.enable(model.module)
+    return model
+
+
+def tokens(model, prompts: list[str], cfg=GREEDY) -> list[list[int]]:
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    done = [e.completion for e in generate_events(model.module, model.tokenizer, ids, cfg) if e.completion]
+    return [c.token_ids for c in sorted(done, key=lambda c: c.prompt_index)]
+
+
+def test_cache_shapes_round_up_to_powers_of_two_within_the_window(tiny_model):
+    step_ = compiled_decode.CompiledDecode(tiny_model.module)  # nothing compiles before a call
+    assert step_.cache_shape(1, 33) == (1, 64)
+    assert step_.cache_shape(3, None) == (4, 64)
+    assert step_.cache_shape(5, 7) == (8, 8)
+    assert step_.cache_shape(8, 200) == (8, 64)
+
+
+def test_a_batch_uses_the_step_enable_attached(compiled_model, tiny_model):
+    step_ = RunningBatch(compiled_model.module, 3).compiled
+    assert step_ is compiled_decode.attached(compiled_model.module) and step_.freeze  # oneDNN packed
+    assert RunningBatch(compiled_model.module, 3, compiled=False).compiled is None
+    assert RunningBatch(tiny_model.module, 3).compiled is None
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_eager_for_one_prompt(compiled_model, tiny_model):
+    prompt = ["Hello there, how are"]
+    assert tokens(compiled_model, prompt) == tokens(tiny_model, prompt)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_eager_for_prompts_of_different_lengths(compiled_model, tiny_model):
+    prompts = ["Hi", "Once upon a time there was a", "The cat sat", ""]
+    got = tokens(compiled_model, prompts)
+    assert got == tokens(tiny_model, prompts) and all(len(t) == 30 for t in got)
+
+
+@pytest.mark.slow
+def test_next_token_logits_match_eager(compiled_model):
+    enc = compiled_model.tokenizer.encode
+    contexts = [enc("A short one"), enc("and a much longer prompt than the first"), enc("x")]
+    with torch.inference_mode():
+        fast = RunningBatch(compiled_model.module, 4)
+        plain = RunningBatch(compiled_model.module, 4, compiled=False)
+        for batch in (fast, plain):
+            batch.join(["a", "b", "c"], contexts)
+        for _ in range(10):
+            feed = plain.logits.argmax(-1).tolist()
+            fast.decode(feed)
+            plain.decode(feed)
+            assert fast.logits.shape == plain.logits.shape == (3, compiled_model.config.vocab_size)
+            torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=0)
+
+
+def run(model, prompts, cfgs, schedule: dict[int, list[int]], compiled: bool) -> dict[int, list[int]]:
+    """Drive a batch of capacity 3 as the server does: rows join at the steps in `schedule`
+    (step -> prompt numbers) and leave when done. Returns each row's tokens."""
+    rows = [make_rows(model.tokenizer, [p], cfg, model.config.n_positions, model.device, first_index=k)[0]
+            for k, (p, cfg) in enumerate(zip(prompts, cfgs))]
+    with torch.inference_mode():
+        batch = RunningBatch(model.module, 3, compiled=compiled)
+        s = 0
+        while batch.rows or any(k >= s for k in schedule):
+            if s in schedule:
+                batch.join([rows[k] for k in schedule[s]], [rows[k].prompt for k in schedule[s]])
+            if batch.rows:
+                step(batch, model.tokenizer)
+            s += 1
+    return {row.index: row.tokens for row in rows}
+
+
+@pytest.mark.slow
+def test_rows_joining_and_leaving_get_the_eager_tokens(compiled_model):
+    enc = compiled_model.tokenizer.encode
+    prompts = [enc("Hello there"), enc(" one two three four five six seven eight nine ten eleven twelve"),
+               enc("Hi"), enc("A fairly long prompt that joins last of all, after the others"),
+               enc(" a b c d e f g h i j k l m n o p q r s t u v w x y z" * 2)[:50]]
+    cfgs = [GREEDY, GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=12),
+            GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=55), GREEDY, GREEDY]
+    # Row 1 is longer than the running row (all rows move right); rows 2 and 3 join late, so the
+    # 64 slots fill and the padding columns are dropped; row 4 fills the window and slides.
+    schedule = {0: [0], 4: [1], 9: [2], 20: [3], 40: [4]}
+    got = run(compiled_model, prompts, cfgs, schedule, compiled=True)
+    assert got == run(compiled_model, prompts, cfgs, schedule, compiled=False)
+    assert [len(got[k]) for k in range(5)] == [30, 12, 55, 30, 30]
+    assert len(prompts[4]) + 30 > compiled_model.config.n_positions
+
+
+@pytest.mark.slow
+def test_bfloat16_model_agrees_with_eager_bfloat16(tiny_folder):
+    model = gpt2kit.load(tiny_folder, device="cpu", dtype="bfloat16")
+    compiled_decode.enable(model.module)
+    assert not compiled_decode.attached(model.module).freeze  # plain nn.Linear: no frozen copies
+    enc = model.tokenizer.encode
+    contexts = [enc("The cat sat on the"), enc("Hello")]
+    with torch.inference_mode():
+        fast = RunningBatch(model.module, 2, max_len=32)
+        plain = RunningBatch(model.module, 2, max_len=32, compiled=False)
+        for batch in (fast, plain):
+            batch.join(["a", "b"], contexts)
+        for _ in range(8):
+            feed = plain.logits.argmax(-1).tolist()
+            fast.decode(feed)
+            plain.decode(feed)
+            assert fast.cache.k[0].dtype == torch.bfloat16 and fast.logits.dtype == torch.float32
+            # Logits here are ~0.5, where one bfloat16 step is 0.004: the two paths round
+            # differently along the way (measured: at most 0.004 apart).
+            torch.testing.assert_close(fast.logits, plain.logits, atol=0.01, rtol=0)
+
+
+def test_load_with_compile_attaches_the_step(tiny_folder):
+    model = gpt2kit.load(tiny_folder, device="cpu", compile=True)  # nothing compiles until a decode
+    assert isinstance(compiled_decode.attached(model.module), compiled_decode.CompiledDecode)
+
+
+@pytest.mark.slow
+def test_int8_model_compiled_equals_int8_eager(tiny_folder):
+    """The int8 kernels traced into the compiled step (quantize.int8_matmul under compilation)."""
+    eager = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
+    compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
+    prompts = ["Hello there, how are", "Hi"]
+    assert tokens(compiled, prompts) == tokens(eager, prompts)
