@@ -20,9 +20,11 @@ Engines (each skipped with a note when its package is missing; `pip install -e "
 
 Decode: greedy, a fixed --prompt-tokens prompt per row, end-of-text ignored, so every engine
 generates exactly --new-tokens tokens per row. Prefill: the time to the first token of a
---prefill-tokens prompt at batch 1. The engines run interleaved, --repeats times each after one
-warm-up; the tables show the median (with min-max spread) and the ratio of medians to
-transformers. Absolute numbers on a shared machine are noise; the ratios are the result.
+--prefill-tokens prompt at batch 1. Every engine runs --repeats rounds, interleaved with the
+others, each round in a fresh process (no engine's thread pool or caches linger into another's
+turn): build, then one warm-up and one timed run per batch size. The tables show the median
+(with min-max spread) and the ratio of medians to transformers. Absolute numbers on a shared
+machine are noise; the ratios are the result.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def parse_args():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from: " + ", ".join(ENGINES))
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -125,7 +129,8 @@ class LlamaCpp:
 
         import gpt2kit
         path = Path(folder) / f"model-{type}.gguf"
-        gpt2kit.convert(folder, to="gguf", out=path, type=type)
+        if not path.exists():  # converted by the first round's process
+            gpt2kit.convert(folder, to="gguf", out=path, type=type)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(args.prefill_tokens, args.prompt_tokens)
                                    + args.new_tokens + 8, n_batch=512, n_threads=args.threads,
                                    n_threads_batch=args.threads, verbose=False)
@@ -153,7 +158,8 @@ FACTORIES = {
 }
 
 
-def build_engines(args, folder: str) -> dict:
+def write_model(args, folder: str) -> None:
+    """The random GPT-2 every engine reads: a Hugging Face folder with GPT-2's tokenizer files."""
     import transformers
 
     import gpt2kit
@@ -163,22 +169,22 @@ def build_engines(args, folder: str) -> dict:
     hf_cfg = transformers.GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
     transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(folder)
     gpt2kit.Tokenizer.default().save(folder)  # CTranslate2's converter reads the vocabulary
-    engines = {}
+
+
+def available(args) -> list[str]:
+    """The engines asked for that can run here (a note for each one skipped)."""
+    names = []
     for name in args.engines.split(","):
         if name not in FACTORIES:
             sys.exit(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
-        cls, package, kwargs = FACTORIES[name]
+        cls, package, _ = FACTORIES[name]
         if importlib.util.find_spec(package) is None:
             print(f"({name}: skipped, {package} is not installed)")
-            continue
-        if cls is LlamaCpp and args.device != "cpu":
+        elif cls is LlamaCpp and args.device != "cpu":
             print(f"({name}: skipped, this llama-cpp-python build runs on the CPU)")
-            continue
-        try:
-            engines[name] = cls(folder, args, **kwargs)
-        except TypeError as e:  # an option this gpt2kit build does not have
-            print(f"({name}: skipped, {e})")
-    return engines
+        else:
+            names.append(name)
+    return names
 
 
 # ---- measurement ------------------------------------------------------------------------------
@@ -192,18 +198,45 @@ def timed(fn) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def measure(engines: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per run for each engine, interleaved, after one warm-up each."""
-    runs = {name: (lambda e=e: e.run(prompts, new_tokens)) for name, e in engines.items()}
-    for fn in runs.values():
-        fn()
-    seconds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            n, s = timed(fn)
-            assert n == new_tokens, f"{name} generated {n} tokens, not {new_tokens}"
-            seconds[name].append(s)
+def worker(args) -> None:
+    """One round of one engine, in its own process: build it, then for each batch size (and the
+    prefill) one warm-up run and one timed run; print the seconds as JSON."""
+    cls, _, kwargs = FACTORIES[args.worker]
+    engine = cls(args.folder, args, **kwargs)
+    g = torch.Generator().manual_seed(1)  # the same prompts in every process
+    runs = {str(b): (torch.randint(0, 50000, (b, args.prompt_tokens), generator=g).tolist(), args.new_tokens)
+            for b in batch_sizes(args) if engine.batch_sizes is None or b in engine.batch_sizes}
+    if args.prefill_tokens:
+        runs["prefill"] = (torch.randint(0, 50000, (1, args.prefill_tokens), generator=g).tolist(), 1)
+    seconds = {}
+    for key, (prompts, new_tokens) in runs.items():
+        engine.run(prompts, new_tokens)
+        n, seconds[key] = timed(lambda: engine.run(prompts, new_tokens))
+        assert n == new_tokens, f"{args.worker} generated {n} tokens, not {new_tokens}"
+    print(json.dumps(seconds))
+
+
+def measure(args, names: list[str], folder: str) -> dict[str, dict[str, list[float]]]:
+    """{engine: {batch size or "prefill": seconds per round}}, the engines interleaved round by
+    round, each round of each engine a fresh process (no engine's threads or caches linger into
+    another's turn)."""
+    seconds = {name: {} for name in names}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k in ("size", "batch_sizes", "new_tokens", "prompt_tokens", "prefill_tokens", "threads",
+                      "device", "dtype")]
+    for _ in range(args.repeats):
+        for name in names:
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--folder", folder, *flags],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            for key, s in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                seconds[name].setdefault(key, []).append(s)
     return seconds
+
+
+def batch_sizes(args) -> list[int]:
+    return [int(b) for b in args.batch_sizes.split(",")]
 
 
 def cell(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -217,27 +250,22 @@ def ratio(values: list[float], base: list[float] | None) -> str:
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    g = torch.Generator().manual_seed(1)
+    if args.worker:
+        return worker(args)
+    batches = batch_sizes(args)
     with tempfile.TemporaryDirectory() as folder:
-        engines = build_engines(args, folder)
-        decode = {}
-        for batch in batches:
-            prompts = torch.randint(0, 50000, (batch, args.prompt_tokens), generator=g).tolist()
-            able = {n: e for n, e in engines.items() if e.batch_sizes is None or batch in e.batch_sizes}
-            secs = measure(able, prompts, args.new_tokens, args.repeats)
-            decode[batch] = {n: [batch * args.new_tokens / s for s in v] for n, v in secs.items()}
-        prefill = {}
-        if args.prefill_tokens:
-            prompt = torch.randint(0, 50000, (1, args.prefill_tokens), generator=g).tolist()
-            prefill = {n: [s * 1e3 for s in v] for n, v in measure(engines, prompt, 1, args.repeats).items()}
+        write_model(args, folder)
+        seconds = measure(args, available(args), folder)
+    decode = {b: {n: [b * args.new_tokens / s for s in v[str(b)]] for n, v in seconds.items() if str(b) in v}
+              for b in batches}
+    prefill = {n: [s * 1e3 for s in v["prefill"]] for n, v in seconds.items() if "prefill" in v}
 
     print(f"\ndecode, {args.size} shape, random weights, greedy, {args.prompt_tokens}-token prompts, "
           f"{args.new_tokens} new tokens, {args.device} {args.dtype}, {args.threads} threads; "
           f"tokens/s, median of {args.repeats} (min-max), ratio to transformers")
     print("| engine | " + " | ".join(f"batch {b} tok/s | ratio" for b in batches) + " |")
     print("| --- |" + " --- | --- |" * len(batches))
-    for name in engines:
+    for name in seconds:
         cells = []
         for b in batches:
             v = decode[b].get(name)
