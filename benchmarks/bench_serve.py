@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py                            # 124M shape, 16 clients, 60 s per mode
     python benchmarks/bench_serve.py --size tiny --seconds 10 --clients 4
     python benchmarks/bench_serve.py --requests 2               # 2 requests per client, no time bound
+    python benchmarks/bench_serve.py --device cuda --dtype bfloat16
 
 Random weights of a GPT-2 shape are saved as a Hugging Face folder and served by
 `python -m gpt2kit serve` in a subprocess (its own GIL, torch's default threads), on loopback.
@@ -52,6 +53,8 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds a request may take, and a stream may stay silent (default 120)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /health")
+    p.add_argument("--device", default="cpu", help="the server's --device (default cpu; cuda on a GPU)")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (default auto)")
     args = p.parse_args()
     if args.clients < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):
         p.error("--clients, --max-tokens and --requests must be at least 1")
@@ -81,8 +84,8 @@ def free_port() -> int:
 
 
 def start_server(args, folder: Path, port: int, log) -> tuple[subprocess.Popen, list[str]]:
-    cmd = [sys.executable, "-m", "gpt2kit", "serve", "-m", str(folder), "--device", "cpu",
-           "--port", str(port), "--served-model-name", SERVED_NAME, "--shutdown-timeout", "2"]
+    cmd = [sys.executable, "-m", "gpt2kit", "serve", "-m", str(folder), "--device", args.device,
+           "--dtype", args.dtype, "--port", str(port), "--served-model-name", SERVED_NAME, "--shutdown-timeout", "2"]
     if args.max_batch is not None:
         cmd += ["--max-batch", str(args.max_batch)]
     # Its own session: a Ctrl-C here reaches the server only through stop_server.
