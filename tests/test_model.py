@@ -92,3 +92,19 @@ def test_inference_layout_equals_plain_model(tiny_folder):
         plain(idx, 0, cache_a), fast(idx, 0, cache_b)
         step = torch.randint(0, 50257, (2, 1))
         assert (fast(step, 24, cache_b) - plain(step, 24, cache_a)).abs().max().item() < 1e-4
+
+
+def test_inference_layout_gives_the_plain_models_greedy_tokens(tiny_folder):
+    """Greedy decoding through the packed layout picks exactly the plain module's tokens."""
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.config import GenerationConfig
+    from gpt2kit.generate import generate_events
+    fast = gpt2kit.load(tiny_folder, device="cpu")
+    plain = load_model(str(tiny_folder), torch.device("cpu"), torch.float32).model
+    prompts = [fast.tokenizer.encode(p) for p in ("Hello there, how are", "Hi", "Once upon a time")]
+    cfg = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=40)
+
+    def tokens(module):
+        done = [e.completion for e in generate_events(module, fast.tokenizer, prompts, cfg) if e.completion]
+        return sorted((c.prompt_index, c.token_ids) for c in done)
+    assert tokens(fast.module) == tokens(plain)
