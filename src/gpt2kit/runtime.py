@@ -69,12 +69,13 @@ def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """Inference-only layout choices for CPU float32, applied from outside the model (which stays
     plain and trainable; these swaps are for a model that will only be run forward).
 
-    Every matrix, the tied LM head included, is prepacked once for oneDNN's matrix multiply
-    (`PackedLinear`), and the MLP's tanh-GELU runs inside its first matrix multiply. Measured on
-    this project's 2-core AVX-512 machines, GPT-2 124M shapes, against nn.Linear: 19 instead of
-    10-13 GB/s of weights streamed at batch 1; the LM head at batch 8 in 7 ms instead of 28 ms.
-    Same math in float32. The head's packed copy costs its size once more (154 MB for GPT-2's
-    50257 x 768); the embedding lookup keeps reading the original rows.
+    Every block matrix is prepacked once for oneDNN's matrix multiply (`PackedLinear`), and the
+    MLP's tanh-GELU runs inside its first matrix multiply. Measured on this project's 2-core
+    AVX-512 machines, GPT-2 124M shapes, against nn.Linear: 19-30 instead of 10-13 GB/s of
+    weights streamed at batch 1. The tied LM head runs through the same oneDNN op on the
+    embedding matrix as it is (packing it would need a second copy of its 154 MB, since the
+    embedding lookup reads the same rows): 7 ms at batch 1 and 11 ms at batch 8 against 15 and
+    28 ms for nn.Linear (a packed copy: 7 and 8 ms). Same math in float32.
     """
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32 or not PackedLinear.available():
@@ -83,20 +84,24 @@ def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
         block.attn.c_attn = PackedLinear(block.attn.c_attn.weight, block.attn.c_attn.bias)
         block.attn.c_proj = PackedLinear(block.attn.c_proj.weight, block.attn.c_proj.bias)
         block.mlp = PackedMLP(block.mlp)
-    model.lm_head = PackedLinear(model.transformer.wte.weight)
+    model.lm_head = PackedLinear(model.transformer.wte.weight, pack=False)
     return model
 
 
 class PackedLinear(torch.nn.Module):
     """A float32 CPU inference stand-in for nn.Linear whose weight oneDNN has prepacked, taking
     and returning ordinary tensors (the op Inductor's CPU backend uses for frozen linears).
-    `gelu=True` applies the tanh-GELU inside the same kernel."""
+    `gelu=True` applies the tanh-GELU inside the same kernel; `pack=False` uses the weight as it
+    is, shared with its owner (slower at batch > 1, no copy)."""
 
     PACK_ROWS = 8  # the row count the packing is tuned for; 1 and 512 rows run as fast with it
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+                 pack: bool = True):
         super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.PACK_ROWS))
+        weight = weight.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
+                             if pack else weight)
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.post_op = ("gelu", [], "tanh") if gelu else ("none", [], "")
 
