@@ -143,3 +143,16 @@ def test_int8_model_compiled_equals_int8_eager(tiny_folder):
     compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
     prompts = ["Hello there, how are", "Hi"]
     assert tokens(compiled, prompts) == tokens(eager, prompts)
+
+
+def test_a_failing_compiler_is_one_clear_error(tiny_folder, monkeypatch):
+    """No C++ compiler (or Triton): a one-line error naming the fix, not an Inductor traceback."""
+    model = gpt2kit.load(tiny_folder, device="cpu", compile=True)
+    step_ = compiled_decode.attached(model.module)
+
+    def broken(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("g++: not found"), None)
+    monkeypatch.setattr(step_, "step", broken)
+    with pytest.raises(gpt2kit.Gpt2kitError, match="--compile could not compile.*drop --compile") as info:
+        model.generate("Hello", max_new_tokens=3, temperature=0)
+    assert "\n" not in str(info.value)

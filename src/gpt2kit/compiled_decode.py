@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import DeviceError
 from .model import GPT
 from .runtime import PackedLinear
 
@@ -82,9 +83,14 @@ class CompiledDecode:
         # Set around the call, as Dynamo reads them while tracing (compile options reach Inductor
         # only). Each (rows, max_len) shape, dtype and model is one more compilation of
         # `decode_step`; past Dynamo's default limit of 8, fullgraph=True would fail the step.
-        with torch._inductor.config.patch(freezing=self.freeze), \
-                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            logits = self.step(self.model, idx, slot, pad, cache.k, cache.v)
+        try:
+            with torch._inductor.config.patch(freezing=self.freeze), \
+                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                logits = self.step(self.model, idx, slot, pad, cache.k, cache.v)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU) or Triton (CUDA)
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"--compile could not compile the decode step ({first}); it needs a C++ "
+                              "compiler on CPU or Triton on CUDA: install one, or drop --compile") from None
         # A copy: a CUDA graph's output is overwritten by its next replay.
         return logits[:len(tokens)].to(torch.float32, copy=True)
 
