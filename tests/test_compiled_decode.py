@@ -12,6 +12,7 @@ from gpt2kit import compiled_decode
 from gpt2kit.config import GenerationConfig
 from gpt2kit.generate import generate_events, make_rows, step
 from gpt2kit.running_batch import RunningBatch
+from gpt2kit.runtime import PackedLinear
 
 GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
 
@@ -131,9 +132,31 @@ def test_bfloat16_model_agrees_with_eager_bfloat16(tiny_folder):
             torch.testing.assert_close(fast.logits, plain.logits, atol=0.01, rtol=0)
 
 
-def test_load_with_compile_attaches_the_step(tiny_folder):
+def test_load_with_compile_attaches_the_step_over_plain_matrices(tiny_folder):
     model = gpt2kit.load(tiny_folder, device="cpu", compile=True)  # nothing compiles until a decode
     assert isinstance(compiled_decode.attached(model.module), compiled_decode.CompiledDecode)
+    linears = [m for m in model.module.modules() if isinstance(m, PackedLinear)]
+    assert linears and not any(m.packed for m in linears)  # one-row products: Inductor's kernels
+
+
+@pytest.mark.slow
+def test_plain_layout_compiled_step_matches_eager_for_one_and_two_rows(tiny_folder, tiny_model):
+    """load(compile=True): batch 1 runs Inductor's one-row products and attention, batch 2
+    oneDNN on the plain matrices; both against the packed eager model."""
+    model = gpt2kit.load(tiny_folder, device="cpu", compile=True)
+    assert tokens(model, ["Hello there, how are"]) == tokens(tiny_model, ["Hello there, how are"])
+    enc = model.tokenizer.encode
+    for contexts in ([enc("The cat sat on the")], [enc("The cat sat on the"), enc("Hi")]):
+        with torch.inference_mode():
+            fast = RunningBatch(model.module, len(contexts), max_len=32)
+            plain = RunningBatch(tiny_model.module, len(contexts), max_len=32)
+            for batch in (fast, plain):
+                batch.join(list("ab")[:len(contexts)], contexts)
+            for _ in range(6):
+                feed = plain.logits.argmax(-1).tolist()
+                fast.decode(feed)
+                plain.decode(feed)
+                torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
@@ -153,6 +176,7 @@ def test_a_failing_compiler_is_one_clear_error(tiny_folder, monkeypatch):
     def broken(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("g++: not found"), None)
     monkeypatch.setattr(step_, "step", broken)
-    with pytest.raises(gpt2kit.Gpt2kitError, match="--compile could not compile.*drop --compile") as info:
+    with pytest.raises(gpt2kit.Gpt2kitError, match=r"--compile could not compile the decode step "
+                       r"\(RuntimeError: g\+\+: not found\).*drop --compile") as info:
         model.generate("Hello", max_new_tokens=3, temperature=0)
     assert "\n" not in str(info.value)

@@ -35,7 +35,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     if quantize == "int8":
         quantize_int8(loaded.model)
     else:
-        prepare_for_inference(loaded.model)
+        prepare_for_inference(loaded.model, pack=not compile)  # compiled: see PackedLinear.forward
     if compile:
         compiled_decode.enable(loaded.model)
     tokenizer = loaded.load_tokenizer()

@@ -16,10 +16,12 @@ compiled=False)` opts one batch out. torch.compile runs on the first step of eac
 max_len) shape; both are rounded up to powers of two so a long-lived process meets only a few.
 On CUDA the step runs under mode="reduce-overhead" (CUDA graphs); on CPU the default mode.
 
-Cost: attention reads all max_len slots at every step where eager reads start + 1. On CPU
-(GPT-2 124M) the compiled step measured at parity with eager when max_len fits the run, and ~10%
-slower at batch 8 when rounding doubled it (144 -> 256): CPU decode is bound by streaming the
-weights, not by Python. What it removes, per-kernel launch and Python overhead, matters on CUDA.
+On CPU float32, `gpt2kit.load(compile=True)` keeps the matrices unpacked
+(runtime.prepare_for_inference(pack=False)): at batch 1 each product is then a kernel Inductor
+generates (runtime.PackedLinear.forward) and attention over the one query two fused reductions
+(`_one_query_attention`); measured (GPT-2 124M) 1.3-1.5x the eager step and ahead of CTranslate2
+(benchmarks/RESULTS.md). At larger batches it reads the unpacked matrices through oneDNN and
+attends over all max_len slots where eager reads start + 1: slower than eager at batch 8.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class CompiledDecode:
                     torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 logits = self.step(self.model, idx, slot, pad, cache.k, cache.v)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU) or Triton (CUDA)
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            cause = getattr(e, "inner_exception", None) or e  # str(e) ends in Dynamo's boilerplate
+            first = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
             raise DeviceError(f"--compile could not compile the decode step ({first}); it needs a C++ "
                               "compiler on CPU or Triton on CUDA: install one, or drop --compile") from None
         # A copy: a CUDA graph's output is overwritten by its next replay.
@@ -115,8 +118,20 @@ def _attend(attn, x, slot, allowed, k_slab, v_slab):
     # (Under autocast k, v may be narrower than the cache; index_copy_ does not convert.)
     k_slab.index_copy_(2, slot.view(1), k.to(k_slab.dtype))
     v_slab.index_copy_(2, slot.view(1), v.to(v_slab.dtype))
-    y = F.scaled_dot_product_attention(q, k_slab, v_slab, attn_mask=allowed)  # (B, nh, 1, hs)
+    if q.device.type == "cpu":
+        y = _one_query_attention(q, k_slab, v_slab, allowed)
+    else:  # CUDA: SDPA's fused kernels
+        y = F.scaled_dot_product_attention(q, k_slab, v_slab, attn_mask=allowed)  # (B, nh, 1, hs)
     return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _one_query_attention(q, k_slab, v_slab, allowed):
+    """SDPA for one query per row, written as broadcasts and reductions that Inductor fuses into
+    two passes over the slabs. On CPU, SDPA's flash kernel took about twice as long for 12 heads
+    of one query over 256 slots (GPT-2 124M): 126-165 against 87-105 us per compiled call."""
+    scores = (q * k_slab).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, nh, L, 1)
+    scores = scores.masked_fill(~allowed.transpose(-1, -2), float("-inf"))
+    return (scores.softmax(dim=2) * v_slab).sum(2, keepdim=True)  # (B, nh, 1, hs)
 
 
 def _power_of_two(n: int) -> int:
