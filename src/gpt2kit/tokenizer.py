@@ -64,11 +64,12 @@ class Tokenizer:
         self._special, self._ordinary = backend, _twin(backend)
         self._ordinary.encode_special_tokens = True
         vocab = backend.get_vocab(with_added_tokens=True)
-        for got in (vocab, self._ordinary.get_vocab(with_added_tokens=True)):
-            if got != declared:
-                token = next(t for t in declared.keys() | got.keys() if declared.get(t) != got.get(t))
-                raise TokenizerError(f"{source}: token {token!r} is declared with id {declared.get(token)} but gets "
-                                     f"id {got.get(token)}; added token ids must follow the vocabulary without gaps")
+        if vocab != declared:
+            token = next(t for t in declared.keys() | vocab.keys() if declared.get(t) != vocab.get(t))
+            raise TokenizerError(f"{source}: token {token!r} is declared with id {declared.get(token)} but gets "
+                                 f"id {vocab.get(token)}; added token ids must follow the vocabulary without gaps")
+        # The twin shares the model, so only its added tokens could differ (not its ~30 ms vocabulary copy).
+        assert _added_tokens(self._ordinary) == _added_tokens(backend), source
         self._table = _byte_table(vocab, self._special.get_added_tokens_decoder())
         self.eos_token = eos_token
         self.eos_id = vocab[eos_token]
@@ -238,6 +239,10 @@ class StreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+def _added_tokens(backend: tokenizers.Tokenizer) -> dict[int, str]:
+    return {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
 
 def _add_token(backend: tokenizers.Tokenizer, token: AddedToken) -> None:
