@@ -6,7 +6,8 @@
 One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
 same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
 transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
-train.compute_loss (the LM head fused with the cross-entropy); transformers runs
+train.compute_loss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
+up by default (lean_backward.save_less_for_backward); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
@@ -60,10 +61,12 @@ def build(engine: str, folder: str, device):
                                              x[:, 1:].flatten())
     from gpt2kit.checkpoints import load_model
     from gpt2kit.lora import LoraConfig, apply_lora
+    from gpt2kit.lean_backward import save_less_for_backward
     from gpt2kit.train import compute_loss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
+    save_less_for_backward(model)  # as train_setup.load_for_training does for every run
     return model.train(), lambda x: compute_loss(model, model.lm_head, x)
 
 

@@ -1,0 +1,160 @@
+"""Training with fewer activations kept for the backward pass and the same numerics: the MLP,
+attention-with-dropout and dropout forwards swapped from outside the model (as
+runtime.checkpoint_blocks does) for ones that save less and rebuild the rest in the backward.
+The default of float32 training on CPU (train_setup.load_for_training), issue 5's training
+peak-memory target.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .model import GPT, CausalSelfAttention
+
+
+def save_less_for_backward(model: GPT) -> None:
+    """Keep fewer activations for the backward pass, with the same numerics (the same operations
+    and random draws, so the same bits): the default of float32 training on CPU.
+
+    The MLP, attention and dropout forwards are replaced (instance attributes, as in
+    checkpoint_blocks) by ones that save less and rebuild the rest in the backward pass:
+    - MLP (GeluLinear): c_proj's input gelu(h) is recomputed from h, which GELU's backward keeps
+      anyway: one GELU per block in the backward (~3 ms each), 12.6 MB per block less.
+    - attention with dropout (DropoutAttention): scaled_dot_product_attention takes its math path
+      on CPU when dropout is on, which keeps three float (B, nh, T, T) tensors (probabilities,
+      dropout noise, dropped probabilities) and scaled copies of q, k, v; this keeps the
+      probabilities, the dropout mask as bool and q, k, v themselves: 22 MB per block less.
+      (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
+    - dropout (MaskDropout): the noise is kept as a bool mask, not float32: 2.4 MB per use less.
+    GPT-2 124M, 4 x 256 tokens, dropout 0.1: 1,236 -> 784 MB saved for the backward pass, peak
+    RSS of the benchmark's step 3,490 -> ~3,070 MB; the step time unchanged within the noise of
+    interleaved runs (benchmarks/RESULTS.md). Evaluation, sampling and autocast run the modules'
+    own forward; a test checks loss and gradients are bitwise the plain path's.
+    """
+    for block in model.transformer.h:
+        block.attn.forward = functools.partial(_lean_attention, block.attn)
+        block.mlp.forward = functools.partial(_lean_mlp, block.mlp)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.forward = functools.partial(_lean_dropout, module)
+
+
+def _lean_path(x: torch.Tensor) -> bool:
+    """Training in float32 on CPU: where these were measured and where they copy the plain ops
+    bit for bit (CUDA's dropout draws bool masks and its attention kernels keep no (T, T) tensor)."""
+    return torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and \
+        not torch.is_autocast_enabled("cpu")
+
+
+def _lean_attention(attn: CausalSelfAttention, x, layer: int, start: int, cache, mask):
+    """CausalSelfAttention.forward with DropoutAttention for the training case (a test checks
+    that both give the same loss and gradients)."""
+    p = attn.dropout if attn.training else 0.0
+    if p == 0.0 or cache is not None or mask is not True or not _lean_path(x):
+        return type(attn).forward(attn, x, layer, start, cache, mask)
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    y = DropoutAttention.apply(q, k, v, p)
+    y = y.transpose(1, 2).contiguous().view(B, T, C)
+    return attn.resid_dropout(attn.c_proj(y))
+
+
+class DropoutAttention(torch.autograd.Function):
+    """Causal softmax(q k^T / sqrt(hs)) v with dropout on the probabilities, as the math path of
+    scaled_dot_product_attention computes it (the same operations and random draws, so the same
+    bits), saving the probabilities and a bool mask instead of three float (B, nh, T, T) tensors.
+    The backward runs the batched products autograd would run for the math path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: float):
+        # The math path scales q and k by sqrt(1 / sqrt(hs)) each (as float32: this Python
+        # float rounds to the same float32 as the path's own double for every head size).
+        s = (1.0 / q.shape[-1] ** 0.5) ** 0.5
+        T = q.shape[-2]
+        causal = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
+            torch.ones(T, T, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
+        probs = torch.matmul(q * s, k.transpose(-2, -1) * s).add_(causal).softmax(-1)  # (B, nh, T, T)
+        noise = torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)  # as torch.dropout on CPU
+        ctx.p, ctx.s = p, s
+        ctx.save_for_backward(q, k, v, probs, noise.bool())
+        return torch.matmul(probs * noise, v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, probs, keep = ctx.saved_tensors
+        B, nh, T, hs = q.shape
+        noise = keep.to(probs.dtype).div_(1 - ctx.p)  # the forward's noise, bit for bit
+        dropped = (probs * noise).view(B * nh, T, T)
+        grad = grad.reshape(B * nh, T, hs)
+        grad_v = dropped.transpose(1, 2).bmm(grad).view(B, nh, T, hs)
+        del dropped
+        grad_p = grad.bmm(v.reshape(B * nh, T, hs).transpose(1, 2)).view(B, nh, T, T).mul_(noise)
+        del noise
+        grad_a = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype).view(B * nh, T, T)
+        del grad_p
+        qs, kts = (q * ctx.s).reshape(B * nh, T, hs), (k.transpose(-2, -1) * ctx.s).reshape(B * nh, hs, T)
+        grad_q = grad_a.bmm(kts.transpose(1, 2)).view(B, nh, T, hs) * ctx.s
+        grad_k = (qs.transpose(1, 2).bmm(grad_a).view(B, nh, hs, T) * ctx.s).transpose(-2, -1)
+        return grad_q, grad_k, grad_v, None
+
+
+def _lean_dropout(drop: torch.nn.Dropout, x):
+    if not (drop.training and 0.0 < drop.p < 1.0 and not drop.inplace and _lean_path(x)):
+        return type(drop).forward(drop, x)
+    return MaskDropout.apply(x, drop.p)
+
+
+class MaskDropout(torch.autograd.Function):
+    """F.dropout as it runs on CPU (float noise from bernoulli_, scaled, multiplied: the same
+    draws and bits), saving the noise as a bool mask: 1 instead of 4 bytes per element."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        ctx.p = p
+        ctx.save_for_backward(noise.bool())
+        return x * noise
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
+
+
+def _lean_mlp(mlp: torch.nn.Module, x):
+    if not (_lean_path(x) and type(mlp.c_proj) is torch.nn.Linear):
+        return type(mlp).forward(mlp, x)
+    return mlp.dropout(GeluLinear.apply(mlp.c_fc(x), mlp.c_proj.weight, mlp.c_proj.bias))
+
+
+class GeluLinear(torch.autograd.Function):
+    """linear(gelu_tanh(h), w, b) for h (B, T, 4C), keeping h but not gelu(h), which the backward
+    recomputes. The gradients are the products autograd runs for F.linear's addmm."""
+
+    @staticmethod
+    def forward(ctx, h, w, b):
+        ctx.save_for_backward(h, w)
+        return torch.nn.functional.linear(_gelu(h), w, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])  # (N, C)
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(_gelu(h).view(grad.shape[0], -1))
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.ops.aten.gelu_backward(grad.mm(w).view(h.shape), h, approximate="tanh")
+        return grad_h, grad_w, grad_b
+
+
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(h, approximate="tanh")  # GPT-2's, as model.MLP

@@ -1,0 +1,133 @@
+"""Training memory: lean_backward.save_less_for_backward keeps fewer activations for the backward pass
+(the probabilities of attention with dropout once, not three times; no GELU output; dropout masks
+as bool), is on by default in fine-tuning, and changes no bit of the loss, gradients or update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2kit.config import ModelConfig
+from gpt2kit.data import DataConfig
+from gpt2kit.lora import LoraConfig, apply_lora
+from gpt2kit.model import GPT
+from gpt2kit.lean_backward import save_less_for_backward
+from gpt2kit.runtime import checkpoint_blocks
+from gpt2kit.train import compute_loss
+from gpt2kit.train_config import TrainConfig
+from gpt2kit.train_setup import Plan, load_for_training, make_optimizer
+
+CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.1)
+B, T = 2, 24  # B*nh*T*T, B*T*C and B*T*4C elements all differ, so saved tensors can be told apart
+
+
+def saved_for_backward(model: GPT, x: torch.Tensor) -> list[tuple[torch.dtype, int]]:
+    """(dtype, elements) of every tensor the forward saves for the backward, parameters excepted."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, seen = [], set()
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            saved.append((t.dtype, t.untyped_storage().nbytes() // t.element_size()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compute_loss(model, model.lm_head, x)
+    return saved
+
+
+def count(saved, dtype, elements) -> int:
+    return saved.count((dtype, elements))
+
+
+def test_attention_mlp_and_dropout_keep_less():
+    torch.manual_seed(0)
+    plain, x = GPT(CFG).train(), torch.randint(0, CFG.vocab_size, (B, T + 1))
+    lean = GPT(CFG).train()
+    save_less_for_backward(lean)
+    probs, hidden, width = B * CFG.n_head * T * T, B * T * 4 * CFG.n_embd, B * T * CFG.n_embd
+    before, after = saved_for_backward(plain, x), saved_for_backward(lean, x)
+    n = CFG.n_layer
+    # attention: probabilities, dropout noise and dropped probabilities -> probabilities + bool mask
+    assert count(before, torch.float32, probs) == 3 * n and count(after, torch.float32, probs) == n
+    assert count(after, torch.bool, probs) == n
+    # MLP: c_fc's output and GELU's -> c_fc's output only
+    assert count(before, torch.float32, hidden) == 2 * n and count(after, torch.float32, hidden) == n
+    # residual and embedding dropout: the noise as bool
+    assert count(after, torch.bool, width) == 2 * n + 1
+    assert sum(e * d.itemsize for d, e in after) < 0.7 * sum(e * d.itemsize for d, e in before)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_lean_step_is_bitwise_the_plain_step(lora):
+    """Same seed, same batch: the loss, every gradient and the weights after clipping and AdamW
+    are bit for bit those of the plain modules (the same operations and dropout draws)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, CFG.vocab_size, (B, T + 1))
+    state = GPT(CFG).state_dict()
+    results = []
+    for lean in (False, True):
+        model = GPT(CFG)
+        model.load_state_dict(state)
+        if lora:
+            torch.manual_seed(2)
+            apply_lora(model, LoraConfig(dropout=0.1))
+        if lean:
+            save_less_for_backward(model)
+        model.train()
+        optimizer = make_optimizer(model, TrainConfig(out="-"), torch.device("cpu"))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.manual_seed(1)
+        loss = compute_loss(model, model.lm_head, x)
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        optimizer.step()
+        results.append((loss.detach(), grads, [p.detach().clone() for p in params]))
+    (loss0, grads0, after0), (loss1, grads1, after1) = results
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert all(torch.equal(a, b) for a, b in zip(after0, after1))
+
+
+def test_eval_and_no_grad_run_the_plain_forward():
+    torch.manual_seed(0)
+    plain, x = GPT(CFG), torch.randint(0, CFG.vocab_size, (B, T))
+    lean = GPT(CFG)
+    lean.load_state_dict(plain.state_dict())
+    save_less_for_backward(lean)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), lean.eval()(x))
+        torch.manual_seed(3)
+        a = plain.train()(x)
+        torch.manual_seed(3)
+        assert torch.equal(a, lean.train()(x))
+
+
+def test_finetune_keeps_less_by_default(tmp_path):
+    """The model train_setup hands to the loop has the lean forwards, with no flag."""
+    cfg = TrainConfig(out=str(tmp_path / "run"), from_scratch=True, dropout=0.1)
+    plan = Plan(cfg, DataConfig(path=str(tmp_path / "unused.txt")), None, None)
+    model, _ = load_for_training(plan, torch.device("cpu"))
+    c = model.config
+    x = torch.randint(0, c.vocab_size, (1, 17))
+    saved = saved_for_backward(model, x)
+    assert count(saved, torch.float32, c.n_head * 16 * 16) == c.n_layer
+    assert count(saved, torch.float32, 16 * 4 * c.n_embd) == c.n_layer
+
+
+def test_grad_checkpointing_composes_with_the_lean_forwards():
+    x = torch.randint(0, CFG.vocab_size, (B, T + 1))
+    grads = []
+    for grad_checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(CFG).train()
+        save_less_for_backward(model)
+        if grad_checkpointing:
+            checkpoint_blocks(model)
+        torch.manual_seed(1)
+        compute_loss(model, model.lm_head, x).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
