@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .config import QUANTIZE
 from .errors import OptionError
 from .model import GPT
+from .runtime import materialized
 
 if TYPE_CHECKING:
     from .api import Model
@@ -87,7 +88,9 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x (M, K) float times the int8 weight (N, K) with per-row scales (N,) in x's dtype: (M, N)."""
     global _use_fused
     if torch.compiler.is_compiling():  # traced into a compiled decode step, which fuses it itself
-        return (_int8_rows if x.shape[0] <= FUSED_MAX_ROWS else _int8_dequantized)(x, weight, scale)
+        if x.shape[0] > FUSED_MAX_ROWS:
+            return _int8_dequantized(x, weight, scale)
+        return _int8_rows(materialized(x), weight, scale)
     if x.shape[0] <= FUSED_MAX_ROWS and _use_fused:
         try:
             return _fused()(x, weight, scale)
