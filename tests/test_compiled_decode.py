@@ -31,6 +31,25 @@ def tokens(model, prompts: list[str], cfg=GREEDY) -> list[list[int]]:
     return [c.token_ids for c in sorted(done, key=lambda c: c.prompt_index)]
 
 
+def assert_decodes_like(fast_model, plain_model, contexts: list[list[int]], steps: int, atol: float,
+                        max_len: int | None = None) -> None:
+    """fast_model's compiled step and plain_model's eager one, fed the same tokens (plain's
+    argmax) after the same contexts, give the same next-token logits at every step."""
+    with torch.inference_mode():
+        fast = RunningBatch(fast_model.module, len(contexts), max_len=max_len)
+        plain = RunningBatch(plain_model.module, len(contexts), max_len=max_len, compiled=False)
+        assert fast.compiled is not None
+        for batch in (fast, plain):
+            batch.join(list(range(len(contexts))), contexts)
+        for _ in range(steps):
+            feed = plain.logits.argmax(-1).tolist()
+            fast.decode(feed)
+            plain.decode(feed)
+            assert fast.logits.shape == plain.logits.shape == (len(contexts), plain_model.config.vocab_size)
+            assert fast.logits.dtype == torch.float32 and fast.cache.k[0].dtype == plain.cache.k[0].dtype
+            torch.testing.assert_close(fast.logits, plain.logits, atol=atol, rtol=0)
+
+
 def test_cache_shapes_round_up_to_powers_of_two_within_the_window(tiny_model):
     step_ = compiled_decode.CompiledDecode(tiny_model.module)  # nothing compiles before a call
     assert step_.cache_shape(1, 33) == (1, 64)
@@ -63,17 +82,7 @@ def test_greedy_tokens_equal_eager_for_prompts_of_different_lengths(compiled_mod
 def test_next_token_logits_match_eager(compiled_model):
     enc = compiled_model.tokenizer.encode
     contexts = [enc("A short one"), enc("and a much longer prompt than the first"), enc("x")]
-    with torch.inference_mode():
-        fast = RunningBatch(compiled_model.module, 4)
-        plain = RunningBatch(compiled_model.module, 4, compiled=False)
-        for batch in (fast, plain):
-            batch.join(["a", "b", "c"], contexts)
-        for _ in range(10):
-            feed = plain.logits.argmax(-1).tolist()
-            fast.decode(feed)
-            plain.decode(feed)
-            assert fast.logits.shape == plain.logits.shape == (3, compiled_model.config.vocab_size)
-            torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=0)
+    assert_decodes_like(compiled_model, compiled_model, contexts, steps=10, atol=1e-4)
 
 
 def run(model, prompts, cfgs, schedule: dict[int, list[int]], compiled: bool) -> dict[int, list[int]]:
@@ -116,20 +125,10 @@ def test_bfloat16_model_agrees_with_eager_bfloat16(tiny_folder):
     compiled_decode.enable(model.module)
     assert not compiled_decode.attached(model.module).freeze  # plain nn.Linear: no frozen copies
     enc = model.tokenizer.encode
-    contexts = [enc("The cat sat on the"), enc("Hello")]
-    with torch.inference_mode():
-        fast = RunningBatch(model.module, 2, max_len=32)
-        plain = RunningBatch(model.module, 2, max_len=32, compiled=False)
-        for batch in (fast, plain):
-            batch.join(["a", "b"], contexts)
-        for _ in range(8):
-            feed = plain.logits.argmax(-1).tolist()
-            fast.decode(feed)
-            plain.decode(feed)
-            assert fast.cache.k[0].dtype == torch.bfloat16 and fast.logits.dtype == torch.float32
-            # Logits here are ~0.5, where one bfloat16 step is 0.004: the two paths round
-            # differently along the way (measured: at most 0.004 apart).
-            torch.testing.assert_close(fast.logits, plain.logits, atol=0.01, rtol=0)
+    # Logits here are ~0.5, where one bfloat16 step is 0.004: the two paths round differently
+    # along the way (measured: at most 0.004 apart).
+    assert_decodes_like(model, model, [enc("The cat sat on the"), enc("Hello")], steps=8, atol=0.01,
+                        max_len=32)
 
 
 def test_load_with_compile_attaches_the_step_over_plain_matrices(tiny_folder):
@@ -147,16 +146,31 @@ def test_plain_layout_compiled_step_matches_eager_for_one_and_two_rows(tiny_fold
     assert tokens(model, ["Hello there, how are"]) == tokens(tiny_model, ["Hello there, how are"])
     enc = model.tokenizer.encode
     for contexts in ([enc("The cat sat on the")], [enc("The cat sat on the"), enc("Hi")]):
-        with torch.inference_mode():
-            fast = RunningBatch(model.module, len(contexts), max_len=32)
-            plain = RunningBatch(tiny_model.module, len(contexts), max_len=32)
-            for batch in (fast, plain):
-                batch.join(list("ab")[:len(contexts)], contexts)
-            for _ in range(6):
-                feed = plain.logits.argmax(-1).tolist()
-                fast.decode(feed)
-                plain.decode(feed)
-                torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=0)
+        assert_decodes_like(model, tiny_model, contexts, steps=6, atol=1e-4, max_len=32)
+
+
+@pytest.mark.slow
+def test_each_model_runs_its_own_compiled_graphs(tiny_folder):
+    """Two models of one shape in one process, each with the same cache shape: the second must
+    not run the first one's graphs (their weights are frozen into them; the guards on the model
+    are dropped, so only a compiled function per model keeps them apart)."""
+    first = gpt2kit.load(tiny_folder, device="cpu", compile=True)
+    second = gpt2kit.load(tiny_folder, device="cpu", compile=True)
+    with torch.no_grad():
+        second.module.transformer.wpe.weight.mul_(-3.0)
+    contexts = [second.tokenizer.encode("The cat sat on the")]
+    assert_decodes_like(first, first, contexts, steps=3, atol=1e-4, max_len=32)
+    assert_decodes_like(second, second, contexts, steps=3, atol=1e-4, max_len=32)
+
+
+def test_weights_moved_after_enable_are_one_clear_error(tiny_folder):
+    model = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
+    model.module.to(torch.bfloat16)  # nothing compiled yet; the step would read the old dtype
+    contexts = [model.tokenizer.encode("Hello")]
+    with torch.inference_mode(), pytest.raises(gpt2kit.Gpt2kitError, match=r"call enable\(model\) again"):
+        batch = RunningBatch(model.module, 1, max_len=32)
+        batch.join(["a"], contexts)
+        batch.decode([5])
 
 
 @pytest.mark.slow

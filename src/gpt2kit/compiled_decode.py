@@ -9,8 +9,10 @@ pad[r], as in `model.attention_mask`). It calls the model's own submodules (`ln_
 `attn.c_attn`, `attn.c_proj`, `mlp`, `ln_f`, `lm_head`), so modules swapped in for inference
 (runtime.prepare_for_inference, LoRA) run here too, as long as they are called as `module(x)`.
 
-Use: `compiled_decode.enable(model)` once, after any module swaps (weights of
-runtime.PackedLinear modules are frozen into the graph at the first step). Every `RunningBatch`
+Use: `compiled_decode.enable(model)` once, after any module swaps: the compiled step takes the
+model's module tree and the shapes of its weights as fixed (it does not re-check them before
+each call), and the weights of runtime.PackedLinear modules are frozen into the graph at the
+first step; after a change, call enable(model) again. Every `RunningBatch`
 over that model then decodes with the compiled step (prefill stays eager); `RunningBatch(...,
 compiled=False)` opts one batch out. torch.compile runs on the first step of each (rows,
 max_len) shape; both are rounded up to powers of two so a long-lived process meets only a few.
@@ -25,6 +27,8 @@ attends over all max_len slots where eager reads start + 1: slower than eager at
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +61,23 @@ class CompiledDecode:
         # a constant. Freezing nothing else: Inductor would keep a repacked copy of every plain
         # nn.Linear weight per compilation (measured: +250 MB per shape for GPT-2 124M bfloat16).
         self.freeze = any(isinstance(m, PackedLinear) for m in model.modules())
-        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
-                                  mode="reduce-overhead" if self.cuda else "default")
+        # Checks before every call cost ~0.6 ms of the ~7 ms int8 step of GPT-2 124M: Dynamo's
+        # guards on the model's module tree and its ~200 tensors, and the compiled code's
+        # assertions on their sizes. Both are fixed once enable() has run (module docstring), so
+        # those checks are dropped (the cache slabs and token tensors stay guarded). That is
+        # sound only if no other model's graphs share the cache: Dynamo keeps compiled graphs
+        # per code object, hence a function of this model's own. `self.weights` catches weights
+        # moved to another dtype or device.
+        self.weights = _weights_key(model)
+        self.step = torch.compile(_own_function(decode_step), fullgraph=True, dynamic=False, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+            "size_asserts": False,
+            "triton.cudagraphs": self.cuda})  # mode="reduce-overhead" on CUDA
+        # Set around each call, as Dynamo reads them while tracing (compile options reach
+        # Inductor only). Each (rows, max_len) shape and dtype is one more compilation of the
+        # step; past Dynamo's default limit of 8, fullgraph=True would fail the step.
+        self.configs = (torch._inductor.config.patch(freezing=self.freeze),
+                        torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))
 
     def cache_shape(self, capacity: int, max_len: int | None) -> tuple[int, int]:
         """The (rows, max_len) of the cache to allocate for a batch: rounded up to powers of two
@@ -76,26 +95,26 @@ class CompiledDecode:
     def __call__(self, cache, tokens: list[int], start: int, pads: list[int]) -> torch.Tensor:
         """Next-token logits (len(tokens), V) float32 after feeding `tokens` (one per live row)
         at slot `start`; rows of the cache past the live ones are fed token 0 and no padding."""
+        if _weights_key(self.model) != self.weights:
+            raise DeviceError("the model's weights changed dtype or device after "
+                              "compiled_decode.enable(model): call enable(model) again")
         device, spare = cache.k[0].device, cache.batch_size - len(tokens)
         idx = torch.tensor(tokens + [0] * spare, device=device)[:, None]  # (rows, 1)
         pad = torch.tensor(pads + [0] * spare, device=device)  # (rows,)
         slot = torch.tensor(start, device=device)  # a tensor, not an int: no recompile per step
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        # Set around the call, as Dynamo reads them while tracing (compile options reach Inductor
-        # only). Each (rows, max_len) shape, dtype and model is one more compilation of
-        # `decode_step`; past Dynamo's default limit of 8, fullgraph=True would fail the step.
         try:
-            with torch._inductor.config.patch(freezing=self.freeze), \
-                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with self.configs[0], self.configs[1]:
                 logits = self.step(self.model, idx, slot, pad, cache.k, cache.v)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU) or Triton (CUDA)
             cause = getattr(e, "inner_exception", None) or e  # str(e) ends in Dynamo's boilerplate
             first = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
             raise DeviceError(f"--compile could not compile the decode step ({first}); it needs a C++ "
                               "compiler on CPU or Triton on CUDA: install one, or drop --compile") from None
-        # A copy: a CUDA graph's output is overwritten by its next replay.
-        return logits[:len(tokens)].to(torch.float32, copy=True)
+        logits = logits[:len(tokens)]
+        # A copy on CUDA: a CUDA graph's output is overwritten by its next replay.
+        return logits.to(torch.float32, copy=self.cuda)
 
 
 def decode_step(model: GPT, idx, slot, pad, ks: list[torch.Tensor], vs: list[torch.Tensor]):
@@ -132,6 +151,16 @@ def _one_query_attention(q, k_slab, v_slab, allowed):
     scores = (q * k_slab).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, nh, L, 1)
     scores = scores.masked_fill(~allowed.transpose(-1, -2), float("-inf"))
     return (scores.softmax(dim=2) * v_slab).sum(2, keepdim=True)  # (B, nh, 1, hs)
+
+
+def _own_function(f):
+    """A copy of f with a code object of its own (so its own Dynamo cache)."""
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+
+
+def _weights_key(model: GPT) -> tuple:
+    weight = model.transformer.wpe.weight  # never quantized or packed; moves with the rest
+    return weight.dtype, weight.device, model.transformer.wte.weight.shape
 
 
 def _power_of_two(n: int) -> int:
