@@ -194,3 +194,18 @@ def test_a_failing_compiler_is_one_clear_error(tiny_folder, monkeypatch):
                        r"\(RuntimeError: g\+\+: not found\).*drop --compile") as info:
         model.generate("Hello", max_new_tokens=3, temperature=0)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_one_compilation_serves_every_attended_length(tiny_folder, tiny_model):
+    """On CPU the step attends over the written slots rounded up to ATTEND_STEP, a length
+    compiled symbolically: a generation through every length up to the whole cache compiles
+    the step once, and its tokens are eager's."""
+    model = gpt2kit.load(tiny_folder, device="cpu", compile=True)
+    prompt = ["Once upon a time"]
+    cfg = GenerationConfig(temperature=0, stop_at_eos=False, max_length=64)  # fills the 64 slots
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = tokens(model, prompt, cfg)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled == 1
+    assert got == tokens(tiny_model, prompt, cfg)
+    assert len(model.tokenizer.encode(prompt[0])) + len(got[0]) == 64

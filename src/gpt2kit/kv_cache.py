@@ -10,21 +10,23 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer: each a tensor of shape (B, nh, max_len, hs)."""
+    """Keys and values for every layer: each a tensor of shape (B, nh, max_len + spare_slots, hs),
+    of which slots 0..max_len-1 are used (the spare ones are for compiled_decode's shapes)."""
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (batch_size, n_head, max_len, head_size)
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 spare_slots: int = 0):
+        shape = (batch_size, n_head, max_len + spare_slots, head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, spare_slots: int = 0) -> "KVCache":
         cfg = model.config
         p = next(model.parameters())
         return cls(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.n_positions, cfg.head_size,
-                   device=p.device, dtype=p.dtype)
+                   device=p.device, dtype=p.dtype, spare_slots=spare_slots)
 
     @property
     def batch_size(self) -> int:

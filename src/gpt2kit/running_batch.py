@@ -40,8 +40,7 @@ class RunningBatch(Generic[R]):
         self.model = model
         self.compiled = compiled_decode.attached(model) if compiled is True else compiled or None
         if self.compiled:  # a cache of the compiled step's shape (it may have spare rows and slots)
-            self.cache = KVCache.for_model(model, *self.compiled.cache_shape(capacity, max_len))
-            self.compiled.prepare(self.cache)
+            self.cache = self.compiled.new_cache(capacity, max_len)
         else:
             self.cache = KVCache.for_model(model, capacity, max_len)
         self.capacity = capacity
