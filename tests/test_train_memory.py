@@ -13,6 +13,7 @@ from gpt2kit.data import DataConfig
 from gpt2kit.lora import LoraConfig, apply_lora
 from gpt2kit.model import GPT
 from gpt2kit.lean_backward import save_less_for_backward
+from gpt2kit.memory import estimate
 from gpt2kit.runtime import checkpoint_blocks
 from gpt2kit.train import compute_loss
 from gpt2kit.train_config import TrainConfig
@@ -58,6 +59,19 @@ def test_attention_mlp_and_dropout_keep_less():
     # residual and embedding dropout: the noise as bool
     assert count(after, torch.bool, width) == 2 * n + 1
     assert sum(e * d.itemsize for d, e in after) < 0.7 * sum(e * d.itemsize for d, e in before)
+
+
+def test_the_memory_estimate_counts_what_lean_forwards_save():
+    """memory.estimate(lean=True) drops about the bytes the lean forwards stop saving."""
+    torch.manual_seed(0)
+    plain, x = GPT(CFG).train(), torch.randint(0, CFG.vocab_size, (B, T + 1))
+    lean = GPT(CFG).train()
+    save_less_for_backward(lean)
+    saved = [sum(e * d.itemsize for d, e in saved_for_backward(m, x)) for m in (plain, lean)]
+    n = sum(p.numel() for p in plain.parameters())
+    est = [estimate(CFG, n, n, B, T, dropout=CFG.dropout, loss_rows=T, lean=flag).activations
+           for flag in (False, True)]
+    assert est[0] - est[1] == pytest.approx(saved[0] - saved[1], rel=0.15)
 
 
 @pytest.mark.parametrize("lora", [False, True])

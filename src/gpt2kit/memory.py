@@ -13,15 +13,21 @@ The estimate counts what a training step holds at its peak (the end of the forwa
   gradients), or with the fused head + loss of float32 training (train.HeadCrossEntropy) one
   chunk of logits rows plus the head's gradients, which it makes in the forward pass.
   With gradient checkpointing only each block's input is kept, plus one block being recomputed.
+  Float32 training on CPU keeps less (lean_backward, the default there): no GELU output (4
+  C-wide), dropout masks as bool (~1.5 C-wide in all), and of attention with dropout the
+  probabilities once instead of three float (T, T) tensors.
 
 Under FSDP with N processes, weights, gradients and AdamW state are 1/N each, plus what is
 gathered whole at a time: the root's parameters (embeddings, ln_f) and two blocks' (the one
 running and the one prefetched), with their gradients in the backward pass.
 
 Calibrated against peak RSS on CPU (torch 2.13, fp32, GPT-2 124M and the "tiny" preset, batch
-2-8, T 256-1024): within about 25 percent, erring high except with gradient checkpointing. With
-the fused loss it errs low: 7.2 GB estimated, 7.7 GB peak RSS for GPT-2 124M at 2 x 1024 tokens
-(3.3 and 4.0 GB at 4 x 256), the process's own ~0.5 GB (libraries, allocator) included.
+2-8, T 256-1024), before lean_backward: within about 25 percent, erring high except with gradient
+checkpointing. With the fused loss it erred low: 7.2 GB estimated, 7.7 GB peak RSS for GPT-2
+124M at 2 x 1024 tokens (3.3 and 4.0 GB at 4 x 256), the process's own ~0.5 GB (libraries,
+allocator) included. The lean terms follow what lean_backward measured it saves (452 MB for GPT-2
+124M at 4 x 256 tokens, dropout 0.1; the estimate's difference is 468 MB); a test compares them
+with the tensors a step saves.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .errors import Gpt2kitError
 GB = 1024**3
 ACTIVATIONS_PER_BLOCK = 20  # C-wide tensors saved per token per block (see the module doc)
 LOGIT_COPIES = 4
+LEAN_SAVED_PER_BLOCK = 5  # C-wide tensors lean_backward does not keep (GELU output, float masks)
 
 
 class NotEnoughMemory(Gpt2kitError):
@@ -68,14 +75,16 @@ def gb(n: int) -> str:
 def estimate(cfg: ModelConfig, n_params: int, n_trainable: int, micro_batch: int, block_size: int,
              grad_checkpointing: bool = False, dropout: float = 0.0,
              activation_bytes: int = 4, shards: int = 1,
-             loss_rows: int | None = None) -> MemoryEstimate:
+             loss_rows: int | None = None, lean: bool = False) -> MemoryEstimate:
     """Peak bytes of one process training `n_trainable` of `n_params` parameters on micro-batches
     of `micro_batch` x `block_size` tokens, its state sharded `shards` ways (FSDP). `loss_rows`:
-    logits rows the fused loss holds at a time (None: the plain loss, all of them)."""
+    logits rows the fused loss holds at a time (None: the plain loss, all of them). `lean`: the
+    forwards of lean_backward.save_less_for_backward are in use."""
     tokens = micro_batch * block_size
-    block = tokens * cfg.n_embd * ACTIVATIONS_PER_BLOCK * activation_bytes
-    if dropout > 0:  # scores, probabilities, dropped probabilities (dtype) and the mask (1 byte)
-        block += micro_batch * cfg.n_head * block_size**2 * (3 * activation_bytes + 1)
+    per_block = ACTIVATIONS_PER_BLOCK - (LEAN_SAVED_PER_BLOCK if lean else 0)
+    block = tokens * cfg.n_embd * per_block * activation_bytes
+    if dropout > 0:  # probabilities (lean) or scores, probabilities and dropped ones; the mask
+        block += micro_batch * cfg.n_head * block_size**2 * ((1 if lean else 3) * activation_bytes + 1)
     if grad_checkpointing:
         blocks = cfg.n_layer * tokens * cfg.n_embd * activation_bytes + block
     else:

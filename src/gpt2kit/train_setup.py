@@ -265,7 +265,8 @@ def check_memory(job: Job, loss_rows: int | None) -> None:
     shards = job.world.world_size if job.cfg.fsdp else 1
     est = estimate(job.model.config, total, trainable, job.cfg.batch_size // job.world.world_size,
                    job.data.block_size, job.cfg.grad_checkpointing, job.model.config.dropout,
-                   activation_bytes=2 if half else 4, shards=shards, loss_rows=loss_rows)
+                   activation_bytes=2 if half else 4, shards=shards, loss_rows=loss_rows,
+                   lean=job.device.type == "cpu" and not half)  # lean_backward's case
     available = available_memory(job.device)
     job.summary = describe(job, trainable, total, est, available)
     processes = job.world.local_world_size if job.device.type == "cpu" else 1
