@@ -9,7 +9,9 @@ tokenizer), encode a prompt, generate 20 tokens greedily, print them. The OS fil
 for both (one unmeasured round first), as it is for anyone who runs a model twice. The table
 shows wall seconds, median (min-max), and the ratio of medians; it also reports the memory the
 model and its use added to each process (resident memory at the end minus resident memory after
-the imports) over the weight bytes.
+the imports) over the weight bytes. Two floor rows bound what any loader could reach: a process
+that only imports torch, and one that also decodes the 20 tokens with gpt2kit's model on weights
+already in memory (zeros: no file, no tokenizer; packed as gpt2kit.load packs).
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ with torch.inference_mode():
 print(tokenizer.decode(out[0, ids.shape[1]:]))
 """,
     "gpt2kit --help": None,
+    # What no loader can save: the torch import, and the 20 tokens on weights already in memory
+    # (zeros: no file, no tokenizer), packed for oneDNN as gpt2kit.load does (0.2 s that more
+    # than pays for itself over 20 tokens).
+    "floor: import torch": "import torch\n{rss}\n",
+    "floor: import torch + 20 tokens": """
+import torch
+from gpt2kit.checkpoints.hf import meta_model
+from gpt2kit.config import ModelConfig
+from gpt2kit.running_batch import RunningBatch
+from gpt2kit.runtime import prepare_for_inference
+{rss}
+model = meta_model(ModelConfig.preset({size!r}))
+zeros = {{k: torch.zeros(v.shape, device={device!r}) for k, v in model.state_dict().items() if k != "lm_head.weight"}}
+model.load_state_dict(zeros, strict=False, assign=True)
+model.tie_weights()
+prepare_for_inference(model.eval())
+with torch.inference_mode():
+    batch = RunningBatch(model, 1, max_len=32)
+    batch.join([0], [[15496, 11, 616, 1438, 318]])  # "Hello, my name is"
+    for _ in range(19):
+        batch.decode([int(batch.logits[0].argmax())])
+""",
 }
 RSS = "print('VmRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
 
@@ -53,12 +77,12 @@ def parse_args():
     return p.parse_args()
 
 
-def run(name: str, folder: str, device: str) -> tuple[float, int | None]:
+def run(name: str, folder: str, device: str, size: str) -> tuple[float, int | None]:
     """(wall seconds, kB resident at the end minus after the imports, or None) of one process."""
     if PROGRAMS[name] is None:
         cmd = [sys.executable, "-m", "gpt2kit", "--help"]
     else:
-        cmd = [sys.executable, "-c", PROGRAMS[name].format(folder=folder, device=device, rss=RSS) + RSS]
+        cmd = [sys.executable, "-c", PROGRAMS[name].format(folder=folder, device=device, size=size, rss=RSS) + RSS]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -83,11 +107,11 @@ def main():
         gpt2kit.Tokenizer.default().save(folder)
         weight_kb = (Path(folder) / "model.safetensors").stat().st_size / 1024
         for name in PROGRAMS:  # warm the file cache and the interpreter's bytecode caches
-            run(name, folder, args.device)
+            run(name, folder, args.device, args.size)
         results = {name: [] for name in PROGRAMS}
         for _ in range(args.repeats):
             for name in PROGRAMS:
-                results[name].append(run(name, folder, args.device))
+                results[name].append(run(name, folder, args.device, args.size))
     print(f"\ncold start, {args.size} shape, {args.device}: wall seconds per process, median of "
           f"{args.repeats} (min-max); resident memory added after the imports, over the weights' "
           f"{weight_kb / 1024:.0f} MB")
