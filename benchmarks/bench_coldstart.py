@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2kit.runtime import device_option
+
 PROGRAMS = {
     "gpt2kit": """
 import gpt2kit, torch
@@ -73,7 +75,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="gpt2", help="model shape preset (default gpt2 = 124M)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_option)
     return p.parse_args()
 
 

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2kit.runtime import device_option
+
 ENGINES = ("transformers", "gpt2kit", "gpt2kit-int8", "gpt2kit-compile", "gpt2kit-int8-compile",
            "ctranslate2", "ctranslate2-int8",
            "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0")
@@ -55,7 +57,7 @@ def parse_args():
     p.add_argument("--prefill-tokens", type=int, default=512, help="0 skips the prefill table")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_option)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from: " + ", ".join(ENGINES))
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)

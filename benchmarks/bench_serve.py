@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from gpt2kit.runtime import device_option
+
 PROMPT = "The old lighthouse keeper climbed the stairs one last time, carrying a lamp and a letter"
 SERVED_NAME = "bench"
 
@@ -53,7 +55,7 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds a request may take, and a stream may stay silent (default 120)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /health")
-    p.add_argument("--device", default="cpu", help="the server's --device (default cpu; cuda on a GPU)")
+    p.add_argument("--device", default="cpu", type=device_option, help="the server's --device (default cpu; cuda on a GPU)")
     p.add_argument("--dtype", default="auto", help="the server's --dtype (default auto)")
     args = p.parse_args()
     if args.clients < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2kit.runtime import device_option
+
 ENGINES = ("gpt2kit", "transformers", "gpt2kit-lora")
 JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement, after 1 warm-up")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_option)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype on CUDA (weights stay float32)")
     p.add_argument("--engines", default=",".join(ENGINES))

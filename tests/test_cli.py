@@ -130,6 +130,26 @@ def test_cuda_without_gpu(tiny_folder):
     one_line_error(r, 1, "no CUDA GPU")
 
 
+def test_benchmark_device_option_refuses_a_missing_gpu_in_one_line(monkeypatch):
+    import argparse
+
+    import torch
+
+    from gpt2kit.runtime import device_option
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_option("cpu") == "cpu"
+    for bad, message in (("cuda", "no CUDA GPU"), ("tpu", "must be one of")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            device_option(bad)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_benchmark_with_cuda_on_a_cpu_machine_is_a_usage_error():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_train.py")
+    r = subprocess.run([sys.executable, script, "--device", "cuda"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("use --device cpu (or auto)")
+
+
 def test_empty_prompt_is_allowed(tiny_folder):
     r = run("generate", "", "-m", str(tiny_folder), "--max-new-tokens", "4", "--seed", "0")
     assert r.returncode == 0, r.stderr

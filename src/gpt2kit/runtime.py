@@ -8,6 +8,7 @@ older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it woul
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 from dataclasses import replace
@@ -40,6 +41,16 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
         return device
     raise DeviceError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
+
+
+def device_option(name: str) -> str:
+    """An argparse `type` for a --device option (the benchmark scripts): `name` if
+    resolve_device accepts it on this machine, else argparse's one-line usage error."""
+    try:
+        resolve_device(name)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
