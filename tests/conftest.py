@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random GPT-2 checkpoints, and a guard that fails any network access.
+"""Shared fixtures: tiny random GPT-2 checkpoints, generated jokes, and a guard that fails any network access.
 
 No test may reach beyond this machine: connections to anything but loopback raise at once.
 """
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # in-process loads never ask a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,13 +33,14 @@ def _guarded_connect(self, address):
 socket.socket.connect = _guarded_connect
 
 
-def tiny_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, seed=0):
-    """A small random transformers GPT2LMHeadModel (the oracle), in eval mode."""
+def tiny_hf_model(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, seed=0, **config):
+    """A small random transformers GPT2LMHeadModel (the oracle), in eval mode; `config`: more
+    GPT2Config fields."""
     import torch
     import transformers
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                  n_positions=n_positions, vocab_size=vocab_size)
+                                  n_positions=n_positions, vocab_size=vocab_size, **config)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -50,6 +50,13 @@ def tiny_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     tiny_hf_model().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def jokes_csv(tmp_path_factory) -> Path:
+    """A CSV shaped like onelinefun.csv (columns ID and Joke, 2,950 rows), generated (jokes.py)."""
+    from jokes import write_jokes_csv
+    return write_jokes_csv(tmp_path_factory.mktemp("jokes") / "onelinefun.csv")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2kit.checkpoints.hf import CONV1D
+
 IDS = [[5, 17, 99, 3, 64, 2, 120, 42], [1, 2, 3, 4, 5, 6, 7, 8]]  # (B, T) = (2, 8), inside a 128 vocab
 CPU = torch.device("cpu")
 
@@ -84,10 +86,34 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 class Payload:
-    """Pickles to a call of os.system: what a malicious pytorch_model.bin carries (CASES C5)."""
+    """Pickles to a call of os.system: what a malicious pytorch_model.bin carries."""
 
     def __init__(self, marker: Path):
         self.marker = marker
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def save_nanogpt(hf_model, path: Path, *, bias: bool = True, vocab_size: int = 50304, **extra) -> Path:
+    """A ckpt.pt laid out exactly as nanoGPT's train.py saves it (compile=True, padded vocabulary)."""
+    cfg = hf_model.config
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key == "lm_head.weight" or (not bias and key.endswith(".bias")):
+            continue
+        value = value.t() if key.endswith(CONV1D) else value  # nanoGPT's nn.Linear is (out, in)
+        if key == "transformer.wte.weight":
+            value = torch.cat([value, torch.randn(vocab_size - cfg.vocab_size, cfg.n_embd)])
+        state["_orig_mod." + key] = value.clone().contiguous()
+    state["_orig_mod.lm_head.weight"] = state["_orig_mod.transformer.wte.weight"]  # tied: one tensor
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], betas=(0.9, 0.95))
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.n_positions,
+                      bias=bias, vocab_size=vocab_size, dropout=0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": 5000,
+                "best_val_loss": torch.tensor(3.25), "config": {"dataset": "openwebtext", "compile": True},
+                **extra}, path)
+    return path

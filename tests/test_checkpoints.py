@@ -1,5 +1,5 @@
 """Checkpoint loading and export against transformers on tiny random GPT-2s, and every bad input
-of CASES C4-C7: missing paths, corrupt files, pickle payloads, shard paths leaving the folder."""
+of hostile input: missing paths, corrupt files, pickle payloads, shard paths leaving the folder."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def test_save_hf_is_atomic(st_folder, tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-write")
-    monkeypatch.setattr(hf, "save_file", crash)
+    monkeypatch.setattr(hf, "save_safetensors", crash)
     with pytest.raises(RuntimeError):
         save_hf(model, tmp_path / "model")
     with pytest.raises(RuntimeError):

@@ -1,4 +1,4 @@
-"""Data preparation: formats, bad input (CASES T3-T8), the cache, the split and block sizes."""
+"""Data preparation: formats, bad input, the cache, the split and block sizes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from gpt2kit.blocks import TokenBlocks
 from gpt2kit.data import DataConfig, PreparedData, prepare_data, read_documents
 from gpt2kit.errors import InputFileError, OptionError
 from gpt2kit.tokenizer import Tokenizer
+from jokes import make_jokes
 
-JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 LITERAL_EOS = "<|endoftext|>"
 
 
@@ -76,20 +76,20 @@ def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
     return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
 
 
-def jokes_column() -> list[str]:
-    with open(JOKES, newline="", encoding="utf-8") as f:
+def jokes_column(jokes_csv) -> list[str]:
+    with open(jokes_csv, newline="", encoding="utf-8") as f:
         return [row["Joke"] for row in csv.DictReader(f)]
 
 
 # --- a real CSV ---------------------------------------------------------------------------------
 
-def test_onelinefun_csv_with_column(tmp_path, tok):
-    d = prep(tmp_path, tok, block_size=256, path=str(JOKES), column="Joke")
+def test_onelinefun_csv_with_column(tmp_path, tok, jokes_csv):
+    d = prep(tmp_path, tok, block_size=256, path=str(jokes_csv), column="Joke")
     assert d.documents + d.val_documents == 2950
     assert 0 < d.val_documents < 2950 * 0.1
     train_docs, val_docs = documents_of(np.asarray(d.train.tokens), tok), documents_of(np.asarray(d.val.tokens), tok)
     assert (len(train_docs), len(val_docs)) == (d.documents, d.val_documents)
-    assert sorted(train_docs + val_docs) == sorted(jokes_column())  # the Joke column, nothing else
+    assert sorted(train_docs + val_docs) == sorted(jokes_column(jokes_csv))  # the Joke column, nothing else
     ids = {str(n) for n in range(1, 2951)}
     assert not any(doc in ids for doc in train_docs + val_docs)
     assert not any(doc.split(",")[0].strip() in ids for doc in train_docs[:200])
@@ -99,14 +99,14 @@ def test_onelinefun_csv_with_column(tmp_path, tok):
     assert not d.cached and d.notes == []
 
 
-def test_onelinefun_without_column_lists_the_columns(tmp_path, tok):
+def test_onelinefun_without_column_lists_the_columns(tmp_path, tok, jokes_csv):
     with pytest.raises(InputFileError, match=r"2 columns \(ID, Joke\).*--column"):
-        prep(tmp_path, tok, path=str(JOKES))
+        prep(tmp_path, tok, path=str(jokes_csv))
 
 
-def test_csv_without_the_named_column(tmp_path, tok):
+def test_csv_without_the_named_column(tmp_path, tok, jokes_csv):
     with pytest.raises(InputFileError, match=r"no column 'Text'.*columns are: ID, Joke.*--column"):
-        prep(tmp_path, tok, path=str(JOKES), column="Text")
+        prep(tmp_path, tok, path=str(jokes_csv), column="Text")
 
 
 def test_single_column_csv_needs_no_column(tmp_path, tok):
@@ -114,12 +114,12 @@ def test_single_column_csv_needs_no_column(tmp_path, tok):
     assert list(read_documents(DataConfig(str(path)))) == ["first joke", "second, with a comma"]
 
 
-def test_bom_csv_finds_the_column(tmp_path, tok):
-    """Excel saves UTF-8 with a BOM (CASES T5): the first header is still `ID`, not `\\ufeffID`."""
-    path = write(tmp_path / "excel.csv", b"\xef\xbb\xbf" + JOKES.read_bytes()[:2000].rsplit(b"\n", 1)[0])
+def test_bom_csv_finds_the_column(tmp_path, tok, jokes_csv):
+    """Excel saves UTF-8 with a BOM: the first header is still `ID`, not `\\ufeffID`."""
+    path = write(tmp_path / "excel.csv", b"\xef\xbb\xbf" + jokes_csv.read_bytes()[:2000].rsplit(b"\n", 1)[0])
     docs = list(read_documents(DataConfig(str(path), column="ID")))
     assert docs[:3] == ["1", "2", "3"]
-    assert list(read_documents(DataConfig(str(path), column="Joke")))[0].startswith("I just asked")
+    assert list(read_documents(DataConfig(str(path), column="Joke")))[0] == make_jokes()[0]
     bom_text = write(tmp_path / "bom.txt", b"\xef\xbb\xbfhello")
     assert list(read_documents(DataConfig(str(bom_text)))) == ["hello"]
 
@@ -191,7 +191,7 @@ def test_jsonl_broken_line_and_missing_field(tmp_path, tok):
 
 
 def test_non_utf8_names_byte_and_line(tmp_path, tok):
-    """CASES T4: Latin-1 bytes; nothing is written to the cache."""
+    """Latin-1 bytes read as UTF-8 are an error naming the encoding option; nothing is written to the cache."""
     text = "line one\r\nline two\ncaf\xe9 au lait\n"
     path = write(tmp_path / "latin.txt", text.encode("latin-1"))
     pos = text.encode("latin-1").index(b"\xe9")
@@ -225,14 +225,14 @@ def test_utf16_file_gets_a_hint(tmp_path):
     assert list(read_documents(DataConfig(str(path), encoding="utf-16"))) == ["hello\n"]
 
 
-def test_options_that_do_not_fit_the_format(tmp_path, tok):
+def test_options_that_do_not_fit_the_format(tmp_path, tok, jokes_csv):
     txt = write(tmp_path / "a.txt", "text")
     with pytest.raises(OptionError, match=r"^column applies to CSV/TSV files only"):
         prep(tmp_path, tok, path=str(txt), column="Joke")
     with pytest.raises(OptionError, match=r"^field applies to JSONL files only"):
         list(read_documents(DataConfig(str(txt), field="text")))
     with pytest.raises(OptionError, match=r"^line_by_line applies to plain text files only"):
-        prep(tmp_path, tok, path=str(JOKES), column="Joke", line_by_line=True)
+        prep(tmp_path, tok, path=str(jokes_csv), column="Joke", line_by_line=True)
 
 
 @pytest.mark.parametrize("options, name", [
@@ -259,7 +259,7 @@ def test_config_fields_have_help_and_accept_paths(tmp_path):
 # --- text handling ------------------------------------------------------------------------------
 
 def test_newlines_normalised_but_unicode_separators_kept(tmp_path, monkeypatch):
-    """CASES T7: \\r\\n and \\r become \\n; U+2028, U+2029 and U+0085 are characters, not breaks."""
+    """Line ends: \\r\\n and \\r become \\n; U+2028, U+2029 and U+0085 are characters, not breaks."""
     monkeypatch.setattr(readers, "CHUNK_BYTES", 4)  # so a \\r\\n straddles two reads
     text = "a\r\nb\rc\u2028still c\u0085and c\u2029too\nd\r\n\r\ne"
     path = write(tmp_path / "mixed.txt", text)
@@ -274,7 +274,7 @@ def test_newlines_normalised_but_unicode_separators_kept(tmp_path, monkeypatch):
 
 
 def test_literal_endoftext_is_ordinary_text(tmp_path, tok):
-    """CASES T3: the text `<|endoftext|>` is 7 tokens; the real EOS id ends each document, once."""
+    """The text `<|endoftext|>` is 7 tokens; the real EOS id ends each document, once."""
     docs = [f"first {LITERAL_EOS} joke, told twice: first {LITERAL_EOS} joke", "second joke " * 5, LITERAL_EOS]
     path = write(tmp_path / "eos.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
     d = prep(tmp_path, tok, block_size=8, path=str(path), val_fraction=0)
@@ -286,9 +286,9 @@ def test_literal_endoftext_is_ordinary_text(tmp_path, tok):
     assert documents_of(np.asarray(d.train.tokens), tok) == docs
 
 
-def test_long_document_pieces_give_the_same_tokens(tmp_path, tok, monkeypatch):
+def test_long_document_pieces_give_the_same_tokens(tmp_path, tok, monkeypatch, jokes_csv):
     """A long document is tokenized in pieces; the cuts must not change a single token."""
-    text = "\n".join(jokes_column()[:300]) + " 東京は、とても大きい。数字123abc's"
+    text = "\n".join(jokes_column(jokes_csv)[:300]) + " 東京は、とても大きい。数字123abc's"
     path = write(tmp_path / "long.txt", text)
     monkeypatch.setattr(readers, "PIECE_CHARS", 50)
     monkeypatch.setattr(readers, "CHUNK_BYTES", 97)
@@ -336,7 +336,7 @@ def test_tsv_jsonl_folder_and_line_by_line(tmp_path):
 
 
 def test_one_megabyte_row_without_spaces(tmp_path, tok):
-    """CASES T8: a 1 MB CSV cell of one character run (above csv's default field limit) in bounded time."""
+    """A 1 MB CSV cell of one character run (above csv's default field limit) in bounded time."""
     path = write(tmp_path / "long.csv", "text\n" + "a" * 1_000_000 + "\nshort one\n")
     limit = csv.field_size_limit()
     start = time.perf_counter()
@@ -347,7 +347,7 @@ def test_one_megabyte_row_without_spaces(tmp_path, tok):
 
 
 def test_large_single_line_file_in_bounded_memory(tmp_path, tok):
-    """CASES T8: a 20 MB file that is one line streams through in chunks. The tokenizer is stubbed
+    """A 20 MB file that is one line streams through in chunks. The tokenizer is stubbed
     (BPE speed is the tokenizer's business); the peak of Python allocations must stay far below
     the file size because text and ids are never held whole."""
     words = "the quick brown fox jumps over lazy dog and then some more words".split()
@@ -378,11 +378,11 @@ def test_progress_bar_goes_to_stderr(tmp_path, tok, capsys):
 
 # --- cache --------------------------------------------------------------------------------------
 
-def test_second_call_is_a_cache_hit(tmp_path, tok):
+def test_second_call_is_a_cache_hit(tmp_path, tok, jokes_csv):
     spy = Spy(tok)
-    first = prep(tmp_path, spy, block_size=128, path=str(JOKES), column="Joke")
+    first = prep(tmp_path, spy, block_size=128, path=str(jokes_csv), column="Joke")
     batches = spy.batches
-    second = prep(tmp_path, spy, block_size=128, path=str(JOKES), column="Joke")
+    second = prep(tmp_path, spy, block_size=128, path=str(jokes_csv), column="Joke")
     assert (first.cached, second.cached) == (False, True)
     assert spy.batches == batches, "a cache hit tokenizes nothing"
     assert second.fingerprint == first.fingerprint
@@ -423,7 +423,7 @@ def test_fingerprint_covers_options_seed_and_tokenizer(tmp_path, tok):
     assert prep(tmp_path, tok, path=str(moved), column="b").cached  # content, not the path, is the key
 
 
-def test_crash_leaves_no_complete_looking_entry(tmp_path, tok, monkeypatch):
+def test_crash_leaves_no_complete_looking_entry(tmp_path, tok, monkeypatch, jokes_csv):
     monkeypatch.setattr(data, "BATCH_PIECES", 10)
     spy = Spy(tok)
 
@@ -435,22 +435,22 @@ def test_crash_leaves_no_complete_looking_entry(tmp_path, tok, monkeypatch):
 
     spy.encode_batch = failing
     with pytest.raises(KeyboardInterrupt):
-        prep(tmp_path, spy, path=str(JOKES), column="Joke")
+        prep(tmp_path, spy, path=str(jokes_csv), column="Joke")
     assert list((tmp_path / "cache").iterdir()) == []
-    d = prep(tmp_path, tok, path=str(JOKES), column="Joke")
+    d = prep(tmp_path, tok, path=str(jokes_csv), column="Joke")
     assert not d.cached and d.documents + d.val_documents == 2950
 
 
-def test_torn_cache_entry_is_rebuilt(tmp_path, tok):
-    first = prep(tmp_path, tok, path=str(JOKES), column="Joke")
+def test_torn_cache_entry_is_rebuilt(tmp_path, tok, jokes_csv):
+    first = prep(tmp_path, tok, path=str(jokes_csv), column="Joke")
     folder = tmp_path / "cache" / first.fingerprint
     del first
     with open(folder / "train.bin", "r+b") as f:
         f.truncate(1000)
-    again = prep(tmp_path, tok, path=str(JOKES), column="Joke")
+    again = prep(tmp_path, tok, path=str(jokes_csv), column="Joke")
     assert not again.cached and again.train.n_tokens * 2 == (folder / "train.bin").stat().st_size
     (folder / "manifest.json").write_text("{not json")
-    assert not prep(tmp_path, tok, path=str(JOKES), column="Joke").cached
+    assert not prep(tmp_path, tok, path=str(jokes_csv), column="Joke").cached
 
 
 def test_large_vocabularies_use_uint32(tmp_path, tok):

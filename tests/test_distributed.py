@@ -19,7 +19,6 @@ from gpt2kit import distributed
 from gpt2kit.errors import OptionError
 from gpt2kit.train_config import TrainConfig
 
-JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 
 SCRIPT = """
 import os, signal, sys
@@ -84,12 +83,12 @@ def test_single_process_helpers_are_no_ops():
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory, tiny_folder):
+def launch(tmp_path_factory, tiny_folder, jokes_csv):
     """launch(out, mode, processes, stop_at=0): one training run (mode "ddp", "fsdp" or
     "resume") of the script above, in 1 process or under torchrun."""
     tmp = tmp_path_factory.mktemp("distributed")
     script = tmp / "train.py"
-    script.write_text(SCRIPT.format(data=str(JOKES), cache=str(tmp / "cache"), model=str(tiny_folder)))
+    script.write_text(SCRIPT.format(data=str(jokes_csv), cache=str(tmp / "cache"), model=str(tiny_folder)))
 
     def run(out: Path, mode: str, processes: int, stop_at: int = 0) -> None:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",

@@ -22,12 +22,11 @@ import torch
 import gpt2kit
 from gpt2kit.checkpoints import hub, load_model
 from gpt2kit.cli import main
-from gpt2kit.checkpoints.hf import CONV1D
 from gpt2kit.checkpoints.tensorflow import our_key, read_tokenizer
 from gpt2kit.checkpoints.tf_bundle import read_bundle
 from gpt2kit.convert import OutputError
 from gpt2kit.errors import CheckpointError, OptionError
-from helpers_checkpoints import CPU, IDS, Payload, hf_logits, our_logits, tiny_hf
+from helpers_checkpoints import CPU, IDS, Payload, hf_logits, our_logits, save_nanogpt, tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tf-tiny"
@@ -188,30 +187,6 @@ def test_fixture_regenerates_identically(tmp_path):
 @pytest.fixture(scope="module")
 def oracle():
     return tiny_hf(vocab_size=50257)  # nanoGPT models use GPT-2's tokenizer
-
-
-def save_nanogpt(hf_model, path: Path, *, bias: bool = True, vocab_size: int = 50304, **extra) -> Path:
-    """A ckpt.pt laid out exactly as nanoGPT's train.py saves it (compile=True, padded vocabulary)."""
-    cfg = hf_model.config
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        if key == "lm_head.weight" or (not bias and key.endswith(".bias")):
-            continue
-        value = value.t() if key.endswith(CONV1D) else value  # nanoGPT's nn.Linear is (out, in)
-        if key == "transformer.wte.weight":
-            value = torch.cat([value, torch.randn(vocab_size - cfg.vocab_size, cfg.n_embd)])
-        state["_orig_mod." + key] = value.clone().contiguous()
-    state["_orig_mod.lm_head.weight"] = state["_orig_mod.transformer.wte.weight"]  # tied: one tensor
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], betas=(0.9, 0.95))
-    opt.param_groups[0]["params"][0].grad = torch.ones(3)
-    opt.step()
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.n_positions,
-                      bias=bias, vocab_size=vocab_size, dropout=0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": 5000,
-                "best_val_loss": torch.tensor(3.25), "config": {"dataset": "openwebtext", "compile": True},
-                **extra}, path)
-    return path
 
 
 def test_nanogpt_checkpoint_gives_transformers_logits(oracle, tmp_path):

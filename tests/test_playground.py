@@ -7,13 +7,18 @@ streamed text the page shows is checked against the non-streamed API answer for 
 from __future__ import annotations
 
 import os
+import shutil
 
 import httpx
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+# Playwright's own browser download does not work offline; a system Chromium does. The README
+# says how it is found: $CHROMIUM, else the first of these on PATH.
+CHROMIUM = os.environ.get("CHROMIUM") or next(
+    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+if not CHROMIUM:
+    pytest.skip("no Chromium found ($CHROMIUM, or chromium on PATH): apt-get install chromium",
+                allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
 
 from server_helpers import running_server  # noqa: E402

@@ -1,4 +1,4 @@
-"""The run folder: atomic checkpoints (CASES F1), disk full (F2), partial checkpoints (F3),
+"""The run folder: atomic checkpoints, disk full, partial checkpoints,
 no pickled objects on resume (F9), keep-last-K, the top-level model, logs and the plot."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from gpt2kit import runs
 from gpt2kit.errors import CheckpointError
 from gpt2kit.runs import Run, RunFolderError
 
-JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 
 
 def fake_model(value: float):
@@ -165,11 +164,11 @@ def test_crafted_pickles_are_refused_not_run(tmp_path):
     assert not MARKER.exists()
 
 
-def test_resume_from_a_crafted_rng_file_is_refused(tmp_path, tiny_folder):
+def test_resume_from_a_crafted_rng_file_is_refused(tmp_path, tiny_folder, jokes_csv):
     from gpt2kit.data import DataConfig
     from gpt2kit.train import finetune
     out = tmp_path / "run"
-    finetune(DataConfig(path=str(JOKES), column="Joke", cache_dir=str(tmp_path / "cache")), str(tiny_folder),
+    finetune(DataConfig(path=str(jokes_csv), column="Joke", cache_dir=str(tmp_path / "cache")), str(tiny_folder),
              out=str(out), max_steps=1, batch_size=2, eval_batches=1, sample_every=0, device="cpu", progress=False)
     latest = Run(out).latest()
     with open(latest / runs.RNG, "wb") as f:

@@ -1,4 +1,4 @@
-"""Server faults and limits (CASES.md S13-S15), continuous batching, and shutdown on SIGTERM."""
+"""Server faults and limits (body size, queue, slow clients), continuous batching, and shutdown on SIGTERM."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tokenizer tests: token-for-token parity with tiktoken's gpt2 encoding and transformers'
-GPT2TokenizerFast (both built offline from the shared vocabulary files), round trips, special
-tokens, streaming, and untrusted vocabulary files (CASES T1-T3, T8, S16)."""
+GPT2TokenizerFast (both built offline from the shipped vocabulary files), round trips, special
+tokens, streaming, and untrusted vocabulary files."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gpt2kit.tokenizer
 from gpt2kit.errors import TokenizerError
 from gpt2kit.tokenizer import Tokenizer
 
-VOCAB_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"
-ENCODER_JSON, VOCAB_BPE = VOCAB_DIR / "encoder.json", VOCAB_DIR / "vocab.bpe"
+# The shipped assets are OpenAI's encoder.json and vocab.bpe under transformers' names (byte for
+# byte; test_assets_are_the_released_gpt2_files checks their hashes). The oracles read the same files.
+ASSETS = Path(gpt2kit.tokenizer.__file__).parent / "assets"
+ENCODER_JSON, VOCAB_BPE = ASSETS / "vocab.json", ASSETS / "merges.txt"
 EOT = "<|endoftext|>"
 
 TEXTS = {
@@ -96,7 +99,7 @@ def hf_ids(hf, text: str) -> list[int]:
 
 def test_assets_are_the_released_gpt2_files():
     # The SHA-256 values tiktoken_ext/openai_public.py pins for OpenAI's encoder.json / vocab.bpe.
-    assets = Path(__import__("gpt2kit").__file__).parent / "assets"
+    assets = ASSETS
     assert hashlib.sha256((assets / "vocab.json").read_bytes()).hexdigest().startswith("196139668be63f3b")
     assert hashlib.sha256((assets / "merges.txt").read_bytes()).hexdigest().startswith("1ce1664773c50f3e")
     assert "Copyright (c) 2019 OpenAI" in (assets / "LICENSE-gpt2-vocab.txt").read_text(encoding="utf-8")
@@ -225,7 +228,7 @@ def test_stream_decoder_flush_then_reuse(tok):
 
 
 def test_long_input_without_spaces_is_linear(tok):
-    # CASES T8 / tiktoken#195: one 1 MB pre-token. tokenizers' BPE merges with a priority queue
+    # Bounded time on hostile input (tiktoken#195): one 1 MB pre-token. tokenizers' BPE merges with a priority queue
     # (about 0.6 s here); the budget is generous for a slow CI machine.
     text = "a" * 1_000_000
     start = time.perf_counter()
@@ -306,7 +309,7 @@ def test_save_loads_identically_in_transformers_and_here(tmp_path, tok, pad_fold
         assert theirs.encode(text) == ours.encode(text, allow_special=True) == again.encode(text, allow_special=True)
 
 
-# --- untrusted vocabulary files (CASES: malicious vocab) ------------------------------------------
+# --- untrusted vocabulary files -----------------------------------------------------------------
 
 def tiny_vocab() -> dict[str, int]:
     """The 256 byte tokens (GPT-2's first 256 ids), one merge result, and <|endoftext|>."""

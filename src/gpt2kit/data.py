@@ -96,7 +96,7 @@ class _TokenFile:
         if starts:
             self.last_start = self.tokens
         self._ids += ids
-        if eos is not None:  # the real EOS id, never the text "<|endoftext|>" (CASES T3)
+        if eos is not None:  # the real EOS id, never the text "<|endoftext|>" (a user's text must not forge document boundaries)
             self._ids.append(eos)
             self.documents += 1
         self.tokens += len(ids) + (eos is not None)

@@ -4,14 +4,14 @@ It is kept apart from `data.py` (tokenizing, splitting, caching) because reading
 enter: format detection by extension, decoding with errors that name the byte and line, and the
 cutting of long texts into pieces. `data.py` imports from here, never the other way round.
 
-Memory stays bounded (CASES T8): files are read in chunks, and long documents are tokenized in
+Memory stays bounded, whatever the file's shape: files are read in chunks, and long documents are tokenized in
 pieces cut where GPT-2's pre-tokenizer always starts a new pre-token: before a space between two
 non-space characters (` ?\\p{L}+`, ` ?\\p{N}+`, ` ?[^\\s\\p{L}\\p{N}]+` each take one leading space),
 or, in text without spaces such as Chinese, after a letter or digit followed by a character of
 another class. So the pieces give exactly the tokens of the whole document; only a run of
 MAX_PIECE_CHARS with no such place is cut anyway. A CSV/JSONL row is read whole.
 
-Text is decoded strictly by default (CASES T4), `\\r\\n` and `\\r` become `\\n`, and only `\\n` ends a
+Text is decoded strictly by default (a wrong encoding is an error, not silent mojibake), `\\r\\n` and `\\r` become `\\n`, and only `\\n` ends a
 line: U+2028 and U+0085 are characters (str.splitlines would split on them; datasets#3910).
 """
 

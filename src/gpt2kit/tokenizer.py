@@ -2,9 +2,10 @@
 
 Why a layer at all: the library gets the merges right and fast, but four things the rest of
 gpt2kit relies on are not its defaults. (1) Text is ordinary text: `<|endoftext|>` typed by a user
-is 7 tokens unless the caller opts in (CASES T3; tokenizers#1850). (2) Decoding is a byte
-operation: a token can hold half a UTF-8 character, so ids map to bytes through a precomputed
-table and the streaming decoder holds partial characters back (CASES S16). (3) Vocabulary files are
+is 7 tokens unless the caller opts in, so a user's text cannot forge document boundaries
+(tokenizers#1850). (2) Decoding is a byte operation: a token can hold half a UTF-8 character, so
+ids map to bytes through a precomputed table and the streaming decoder holds partial characters
+back (no half character is ever printed). (3) Vocabulary files are
 untrusted: tokenizers panics on a merge whose result is not in the vocabulary and silently drops
 bytes missing from it, so both are checked here first and fail naming the file. (4) A checkpoint's
 tokenizer.json may carry truncation or padding settings; they are switched off so encode never

@@ -2,7 +2,7 @@
 
 A spec that exists on disk is a path. A spec that merely looks like one (`./my-model`,
 `~/models/x`, `a/b/c`, `model.safetensors`) but does not exist is an error, never a hub download:
-a typo in a path must not send a request to the network (CASES C4).
+a typo in a path must not send a request to the network (a user's files may be private).
 """
 
 from __future__ import annotations
