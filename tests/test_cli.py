@@ -74,6 +74,30 @@ def test_info(tiny_folder):
         assert word in r.stdout
     data = json.loads(run("info", str(tiny_folder), "--json").stdout)
     assert data["layers"] == 2 and data["context"] == 64
+    assert data["quantize"] is None and "None" not in r.stdout  # text says "none"
+    import transformers
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_folder)
+    assert data["parameters"] == hf.num_parameters()  # the tied embedding / LM head counted once
+    assert f"{hf.num_parameters():,}" in r.stdout
+
+
+def test_saved_models_are_readable_like_any_other_file(tiny_folder, tmp_path):
+    """safetensors creates its files 0600; every file of a converted model gets the usual mode."""
+    r = run("convert", str(tiny_folder), "--to", "hf", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_a_deliberate_stop_is_not_reported_as_an_error(monkeypatch, capsys, jokes_csv, tmp_path):
+    import gpt2kit.train as train
+
+    def stopped(*args, **kwargs):
+        raise train.TrainingInterrupted(3, tmp_path / "checkpoints" / "step-0000003", 2, None)
+    monkeypatch.setattr(train, "finetune", stopped)
+    code = main(["finetune", str(jokes_csv), "--column", "Joke", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and err.startswith("stopped: training stopped by SIGINT at step 3"), err
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -166,7 +190,6 @@ def test_help_is_fast_and_does_not_import_torch():
     assert time.time() - start < 5  # generous: shared CI machines; the benchmark measures it
 
 
-JOKES = __import__("conftest").SHARED_DATA / "onelinefun.csv"
 
 
 def test_eval_reports_loss_and_perplexity(tiny_folder, tiny_model, tmp_path):
@@ -181,23 +204,42 @@ def test_eval_reports_loss_and_perplexity(tiny_folder, tiny_model, tmp_path):
     assert abs(got["perplexity"] - __import__("math").exp(got["loss"])) < 1e-3 * got["perplexity"]
 
 
-def test_eval_without_column_lists_the_columns(tiny_folder):
-    r = run("eval", "-m", str(tiny_folder), str(JOKES))
+def test_eval_without_column_lists_the_columns(tiny_folder, jokes_csv):
+    r = run("eval", "-m", str(tiny_folder), str(jokes_csv))
     one_line_error(r, 1, "ID, Joke", "--column")
 
 
-def test_finetune_smoke_then_generate(tmp_path):
+def test_finetune_smoke_then_generate(tmp_path, jokes_csv):
     out = tmp_path / "run"
-    r = run("finetune", str(JOKES), "--column", "Joke", "--from-scratch", "--size", "tiny", "--out", str(out),
+    r = run("finetune", str(jokes_csv), "--column", "Joke", "--from-scratch", "--size", "tiny", "--out", str(out),
             "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-every", "2",
             "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     assert {"config.json", "model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
     g = run("generate", "", "-m", str(out), "--max-new-tokens", "5", "--seed", "0")
     assert g.returncode == 0, g.stderr
-    again = run("finetune", str(JOKES), "--column", "Joke", "--out", str(out))
+    again = run("finetune", str(jokes_csv), "--column", "Joke", "--out", str(out))
     one_line_error(again, again.returncode, "--resume")
     assert again.returncode != 0
+
+
+@pytest.mark.parametrize("flags, rank", [(["--lora"], 8), (["--lora", "--lora-rank", "4"], 4)])
+def test_finetune_lora_from_the_cli(flags, rank, tiny_folder, tmp_path, jokes_csv):
+    """--lora alone (default adapters) and with --lora-* options: a real run, then generation."""
+    out = tmp_path / "lora"
+    r = run("finetune", str(jokes_csv), "--column", "Joke", "-m", str(tiny_folder), *flags, "--out", str(out),
+            "--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--sample-every", "0",
+            "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
+    assert "in LoRA adapters" in r.stderr
+    g = run("generate", "Why", "-m", str(out), "--max-new-tokens", "3", "--seed", "0")
+    assert g.returncode == 0, g.stderr
+
+
+def test_finetune_help_names_no_file_outside_the_repository():
+    text = run("finetune", "--help").stdout
+    assert "examples:" in text and "../" not in text
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -205,20 +247,20 @@ def test_finetune_smoke_then_generate(tmp_path):
     (["--learning-rate", "-1"], "--learning-rate must be greater than 0"),
     (["--lora", "--lora-rank", "0"], "--lora-rank must be at least 1"),
 ])
-def test_finetune_bad_options(flags, fragment, tmp_path, capsys):
-    code = main(["finetune", str(JOKES), "--column", "Joke", "--out", str(tmp_path / "r"), *flags])
+def test_finetune_bad_options(flags, fragment, tmp_path, capsys, jokes_csv):
+    code = main(["finetune", str(jokes_csv), "--column", "Joke", "--out", str(tmp_path / "r"), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and fragment in lines[-1], lines
 
 
-def test_finetune_bad_data(tmp_path):
+def test_finetune_bad_data(tmp_path, jokes_csv):
     r = run("finetune", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"))
     one_line_error(r, 1, "missing.txt")
-    r = run("finetune", str(JOKES), "--out", str(tmp_path / "r2"))
+    r = run("finetune", str(jokes_csv), "--out", str(tmp_path / "r2"))
     one_line_error(r, r.returncode, "ID, Joke", "--column")
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep me")
-    r = run("finetune", str(JOKES), "--column", "Joke", "--out", str(other))
+    r = run("finetune", str(jokes_csv), "--column", "Joke", "--out", str(other))
     assert r.returncode != 0 and (other / "mine.txt").read_text() == "keep me"
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -61,6 +61,23 @@ def test_same_seed_same_text_whatever_else_is_in_the_batch(tiny_model):
     assert batch[2:] == alone
 
 
+def test_unseeded_rows_draw_independently(tiny_model):
+    """Without a seed no two rows share random draws: the same prompt twice, or different
+    prompts. Near-uniform sampling over the whole vocabulary (top_k 0, temperature 2 on a random
+    model) makes shared draws visible: rows drawing from one stream pick the same tokens, while
+    independent rows agree on a token about 1 time in 50,000."""
+    prompts = ["Why did the", "Why did the", "Once upon a time", "Hello"] * 8
+    done = tiny_model.complete(prompts, max_new_tokens=12, temperature=2.0, top_k=0, stop_at_eos=False)
+    rows = [c.token_ids for c in done]
+    assert len({tuple(r) for r in rows}) == len(rows), "every row is its own sample"
+    agree = sum(a[t] == b[t] for i, a in enumerate(rows) for b in rows[i + 1:] for t in range(12))
+    pairs = len(rows) * (len(rows) - 1) // 2 * 12
+    assert agree <= 0.01 * pairs, f"{agree} of {pairs} same-step draws agree: rows share randomness"
+    streamed = [list(tiny_model.stream("Why did the", max_new_tokens=12, temperature=2.0, top_k=0))
+                for _ in range(2)]
+    assert streamed[0] != streamed[1], "two unseeded calls differ"
+
+
 def test_max_new_tokens_and_max_length(tiny_model):
     [c] = tiny_model.complete("Hello world", max_new_tokens=7, seed=0, stop_at_eos=False)
     assert len(c.token_ids) == 7 and c.finish_reason == "length"

@@ -16,7 +16,7 @@ from gpt2kit.checkpoints import load_model
 from gpt2kit.config import ModelConfig
 from gpt2kit.errors import CheckpointError, OptionError
 from gpt2kit.lora import (TARGETS, LoraConfig, LoraLinear, apply_lora, load_adapter, lora_state_dict,
-                          merge_lora, save_adapter, trainable_parameters)
+                          merge_lora, save_adapter, count_parameters)
 from gpt2kit.model import GPT
 from helpers_checkpoints import CPU, tiny_hf
 
@@ -81,18 +81,19 @@ def test_only_adapters_train_and_they_are_few():
     model = apply_lora(base_model(), LoraConfig(rank=8))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    n_train, total = trainable_parameters(model)
+    count = count_parameters(model)
     C = CFG.n_embd
-    assert n_train == CFG.n_layer * 8 * (C + 3 * C)  # A (r, C) + B (3C, r) per c_attn
-    assert total == sum(p.numel() for p in base_model().parameters()) + n_train
+    assert count.trainable == count.adapters == CFG.n_layer * 8 * (C + 3 * C)  # A (r, C) + B (3C, r) per c_attn
+    assert count.model == sum(p.numel() for p in base_model().parameters())  # tied: counted once
 
 
 def test_gpt2_124m_trains_a_fraction_of_a_percent():
     with torch.device("meta"):  # the real shape, no memory
         model = apply_lora(GPT(ModelConfig()), LoraConfig())
-    n_train, total = trainable_parameters(model)
-    assert n_train == 12 * 8 * (768 + 3 * 768)  # 294,912
-    assert n_train / total < 0.003
+    count = count_parameters(model)
+    assert count.trainable == 12 * 8 * (768 + 3 * 768)  # 294,912
+    assert count.model == 124_439_808  # transformers' GPT2LMHeadModel("gpt2").num_parameters()
+    assert count.trainable / count.total < 0.003
 
 
 def test_training_changes_output_and_merge_gives_the_same_logits(trained):

@@ -34,7 +34,6 @@ from gpt2kit.train_config import TrainConfig
 from gpt2kit.runtime import checkpoint_blocks
 from gpt2kit.train_setup import ResumeMismatch, identity_mismatches, make_optimizer
 
-JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,8 @@ def data_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def jokes(data_cache) -> DataConfig:
-    return DataConfig(path=str(JOKES), column="Joke", cache_dir=data_cache)
+def jokes(data_cache, jokes_csv) -> DataConfig:
+    return DataConfig(path=str(jokes_csv), column="Joke", cache_dir=data_cache)
 
 
 def quick(data, model, out, **options):
@@ -74,7 +73,7 @@ def interrupt_at(step: int):
 
 # ---- options -------------------------------------------------------------------------------
 
-def test_options_are_checked_and_named_as_flags():
+def test_options_are_checked_and_named_as_flags(jokes_csv):
     for bad, flag in [(dict(learning_rate=0), "--learning-rate must be greater than 0"),
                       (dict(learning_rate=float("nan")), "--learning-rate must be a finite number"),
                       (dict(batch_size=0), "--batch-size must be at least 1"),
@@ -86,16 +85,16 @@ def test_options_are_checked_and_named_as_flags():
             TrainConfig(out="x", **bad)
         assert e.value.as_flag().startswith(flag), e.value.as_flag()
     with pytest.raises(OptionError, match="out is required"):
-        finetune(str(JOKES), "gpt2")
+        finetune(str(jokes_csv), "gpt2")
 
 
-def test_bad_data_fails_before_any_model_is_loaded(tmp_path):
+def test_bad_data_fails_before_any_model_is_loaded(tmp_path, jokes_csv):
     from gpt2kit.errors import InputFileError
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     for data, message in [(str(tmp_path / "missing.txt"), "missing.txt does not exist"),
                           (str(blank), "no training text found in"),
-                          (DataConfig(path=str(JOKES)), "Joke")]:  # two columns and no --column
+                          (DataConfig(path=str(jokes_csv)), "Joke")]:  # two columns and no --column
         with pytest.raises(InputFileError, match=message):  # not a CheckpointError for the model
             finetune(data, str(tmp_path / "no-such-model"), out=str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
@@ -202,7 +201,8 @@ def test_resume_is_bitwise_identical_with_dropout_and_shuffling(jokes, tiny_fold
 def test_lora_run_resumes_bitwise_and_merges(jokes, tiny_folder, tmp_path):
     common = dict(max_steps=6, lora=True, merge_lora=True, eval_every=0, save_every=100, learning_rate=1e-2)
     straight = quick(jokes, tiny_folder, tmp_path / "straight", **common)
-    assert straight.summary["trainable_parameters"] < 0.05 * straight.summary["parameters"]
+    summary = straight.summary
+    assert summary["trainable_parameters"] == summary["adapter_parameters"] < 0.05 * summary["parameters"]
     with pytest.raises(TrainingInterrupted):
         quick(jokes, tiny_folder, tmp_path / "stopped", log=interrupt_at(3), **common)
     step3 = tmp_path / "stopped" / "checkpoints" / "step-0000003"
@@ -226,9 +226,9 @@ def test_lora_run_resumes_bitwise_and_merges(jokes, tiny_folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_folder, data_cache):
+def finished_run(tmp_path_factory, tiny_folder, data_cache, jokes_csv):
     out = tmp_path_factory.mktemp("finished") / "run"
-    jokes = DataConfig(path=str(JOKES), column="Joke", cache_dir=data_cache)
+    jokes = DataConfig(path=str(jokes_csv), column="Joke", cache_dir=data_cache)
     quick(jokes, tiny_folder, out, max_steps=2, eval_every=0)
     return out
 
@@ -254,6 +254,27 @@ def test_resume_refuses_other_settings_listing_them(finished_run, tiny_folder, t
     assert result.steps == 3
 
 
+def test_resume_with_new_step_count_extends_the_schedule_explicitly(jokes, tiny_folder, tmp_path):
+    """A new --max-steps on --resume keeps the run's warm-up, moves the end of the decay, says so,
+    and records it in run.json, so a later plain --resume keeps the extended schedule."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):  # warm-up: 5% of 40 steps = 2
+        quick(jokes, tiny_folder, out, max_steps=40, eval_every=0, log=interrupt_at(4))
+    notes = []
+    with pytest.raises(TrainingInterrupted):
+        quick(None, tiny_folder, out, resume=True, max_steps=20, eval_every=0,
+              log=lambda r: (notes.append(r.get("message", "")), interrupt_at(6)(r)))
+    assert any("extending the run's schedule from 40 to 20 steps: warm-up stays 2 steps" in n for n in notes), notes
+    assert runs.Run(out).settings()["train"]["max_steps"] == 20
+    lrs = {r["step"]: r["lr"] for r in runs.Run(out).records() if "lr" in r}
+    peak = TrainConfig(out="x").peak_lr
+    assert lrs[5] == pytest.approx(get_lr(4, peak, 2, 20, "cosine"))  # not 1 warm-up step of 20
+    result = finetune(out=str(out), resume=True, progress=False)
+    assert result.steps == 20
+    with pytest.raises(OptionError, match="already at step 20"):
+        finetune(out=str(out), resume=True, max_steps=10, progress=False)
+
+
 def test_identity_mismatches_name_each_field():
     saved = {"identity": {"model_shape": {"n_layer": 2}, "block_size": 64, "tokenizer": "a" * 64,
                           "data_fingerprint": "b" * 64, "lora": None}}
@@ -263,11 +284,11 @@ def test_identity_mismatches_name_each_field():
     assert [p.split(" (")[0] for p in problems] == ["tokenizer", "lora"]
 
 
-def test_resume_needs_a_run_and_a_complete_checkpoint(tmp_path, jokes, tiny_folder):
+def test_resume_needs_a_run_and_a_complete_checkpoint(tmp_path, jokes, tiny_folder, jokes_csv):
     with pytest.raises(RunFolderError, match="nothing to resume"):
         finetune(out=str(tmp_path / "none"), resume=True, progress=False)
     crashed = tmp_path / "crashed"
-    runs.Run(crashed).start({"train": {"out": str(crashed)}, "data": {"path": str(JOKES)}, "model": None, "lora": None})
+    runs.Run(crashed).start({"train": {"out": str(crashed)}, "data": {"path": str(jokes_csv)}, "model": None, "lora": None})
     with pytest.raises(RunFolderError, match="no complete checkpoint"):
         finetune(out=str(crashed), resume=True, progress=False)
 
@@ -369,10 +390,10 @@ def stepped(out: Path) -> bool:
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_a_checkpoint_and_exits(signum, code, tiny_folder, data_cache, tmp_path):
+def test_signal_saves_a_checkpoint_and_exits(signum, code, tiny_folder, data_cache, tmp_path, jokes_csv):
     out = tmp_path / "run"
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(SIGNAL_SCRIPT.format(data=str(JOKES), cache=data_cache,
+    script.write_text(textwrap.dedent(SIGNAL_SCRIPT.format(data=str(jokes_csv), cache=data_cache,
                                                            model=str(tiny_folder), out=str(out))))
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -475,14 +496,14 @@ def test_copy_detector_flags_long_spans_and_whole_short_documents():
     assert not d.copies(short_doc[:2], ended=True)
 
 
-def test_lora_run_folder_loads_as_merged_model(tmp_path):
+def test_lora_run_folder_loads_as_merged_model(tmp_path, jokes_csv):
     """gpt2kit.load on a LoRA run without --merge-lora: base + adapter, merged on load."""
     import gpt2kit
     from conftest import tiny_hf_model
     base = tmp_path / "base"
     tiny_hf_model().save_pretrained(base)
     out = tmp_path / "lora-run"
-    gpt2kit.finetune(gpt2kit.DataConfig(str(JOKES), column="Joke", cache_dir=str(tmp_path / "c")),
+    gpt2kit.finetune(gpt2kit.DataConfig(str(jokes_csv), column="Joke", cache_dir=str(tmp_path / "c")),
                      str(base), out=str(out), lora=True, max_steps=2, batch_size=2, block_size=32,
                      sample_every=0, eval_every=2, progress=False)
     model = gpt2kit.load(out, device="cpu")

@@ -16,6 +16,7 @@ from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
 from .evaluate import Scores
 from .generate import Completion, generate_events
+from .lora import count_parameters
 from .quantize import check_quantize, quantize_int8
 from .runtime import prepare_for_inference, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
@@ -33,7 +34,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     check_quantize(quantize)
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
-    n_params = sum(p.numel() for p in loaded.model.parameters())  # before packing turns them into buffers
+    n_params = count_parameters(loaded.model).model  # before packing turns them into buffers
     if quantize == "int8":
         quantize_int8(loaded.model)
     else:

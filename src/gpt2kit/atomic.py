@@ -22,3 +22,20 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def default_permissions(path: Path) -> None:
+    """Give `path` the mode a newly created file gets in this process (0o666 less the umask).
+    safetensors creates its files 0600, so a saved model would otherwise be unreadable to the
+    other users and services (a server, a container) that read everything else gpt2kit writes."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only read it by setting it)
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask

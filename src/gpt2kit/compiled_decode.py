@@ -31,12 +31,14 @@ generates (runtime.PackedLinear.forward) and attention over the one query two fu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
 import torch
 import torch.nn.functional as F
 
+from .compile_log import compiling
 from .errors import DeviceError
 from .kv_cache import KVCache
 from .model import GPT
@@ -84,6 +86,7 @@ class CompiledDecode:
         # step; past Dynamo's default limit of 8, fullgraph=True would fail the step.
         self.configs = (torch._inductor.config.patch(freezing=self.freeze),
                         torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))
+        self.shapes: set[tuple[int, int]] = set()  # cache shapes compiled so far
 
     def cache_shape(self, capacity: int, max_len: int | None) -> tuple[int, int]:
         """The (rows, max_len) of the cache to allocate for a batch: rounded up to powers of two
@@ -128,9 +131,13 @@ class CompiledDecode:
         length = self.length(start, cache.max_len)
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
+        shape = (cache.batch_size, cache.max_len)
+        announce = compiling(f"the decode step for {shape[0]} rows x {shape[1]} positions") \
+            if shape not in self.shapes else contextlib.nullcontext()
         try:
-            with self.configs[0], self.configs[1]:
+            with self.configs[0], self.configs[1], announce:
                 logits = self.step(self.model, idx, slot, pad, cache.k, cache.v, length)
+            self.shapes.add(shape)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler (CPU) or Triton (CUDA)
             cause = getattr(e, "inner_exception", None) or e  # str(e) ends in Dynamo's boilerplate
             first = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"

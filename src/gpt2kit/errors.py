@@ -1,7 +1,7 @@
 """Typed exceptions raised where user input enters gpt2kit.
 
 Every message names the offending value and, where there is one, the fix. The CLI prints
-`error: <message>` on one line and exits non-zero; the server maps the same types to HTTP errors.
+`error: <message>` (`stopped: ...` for a deliberate stop) on one line and exits non-zero; the server maps the same types to HTTP errors.
 """
 
 from __future__ import annotations
@@ -11,6 +11,14 @@ class Gpt2kitError(Exception):
     """Base class of every error gpt2kit raises on purpose."""
 
     exit_code = 1
+    label = "error"  # how the CLI starts the line: `error: <message>`
+
+
+class Stopped(Gpt2kitError):
+    """A run ended early on purpose (Ctrl-C, SIGTERM) with its work saved: not a failure of
+    gpt2kit or of the input, so the CLI says `stopped:`, with the signal's exit code."""
+
+    label = "stopped"
 
 
 class OptionError(Gpt2kitError, ValueError):

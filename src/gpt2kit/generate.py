@@ -96,6 +96,12 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def row_seed(seed: int | None, sample_index: int) -> int:
+    """The seed of a row's generator. Without a seed every row draws a fresh one, so no two rows
+    of a batch (the same prompt twice, or sample j of different prompts) share their draws."""
+    return secrets.randbits(63) if seed is None else sample_seed(seed, sample_index)
+
+
 def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationConfig, n_ctx: int,
               device: torch.device, sample_indices: list[int] | None = None,
               prompt_indices: list[int] | None = None, first_index: int = 0) -> list[Row]:
@@ -103,13 +109,12 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
     for ids in prompts:
         if len(ids) >= n_ctx:
             raise PromptTooLong(len(ids), n_ctx)
-    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     sample_indices = sample_indices or [0] * len(prompts)
     prompt_indices = prompt_indices or list(range(len(prompts)))
     return [
         Row(index=first_index + k, prompt=list(ids) or [tokenizer.eos_id], cfg=cfg,
             budget=cfg.new_tokens_for(len(ids)),
-            generator=None if cfg.greedy else make_generator(sample_seed(seed, j), device),
+            generator=None if cfg.greedy else make_generator(row_seed(cfg.seed, j), device),
             decoder=tokenizer.stream_decoder(), prompt_index=i, sample_index=j,
             logprobs=[] if cfg.logprobs is not None else None)
         for k, (ids, i, j) in enumerate(zip(prompts, prompt_indices, sample_indices))

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from .checkpoints.hf import _listing
-from .checkpoints.weights import iter_tensors, read_json
+from .checkpoints.weights import iter_tensors, read_json, save_safetensors
 from .atomic import write_atomically
 from .config import TARGETS, LoraConfig
 from .errors import CheckpointError, OptionError
@@ -109,10 +109,28 @@ def merge_lora(model: GPT) -> GPT:
     return model
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters that require grad, all parameters), shared (tied) tensors counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+@dataclass(frozen=True)
+class ParameterCount:
+    """A model's parameters, counted one way everywhere (`gpt2kit info`, the fine-tuning
+    summary): each tensor once, so the tied embedding / LM head counts once, as transformers'
+    `num_parameters()` counts it; LoRA adapters apart from the model they adapt."""
+
+    model: int  # the GPT-2's own
+    adapters: int  # LoRA's A and B matrices
+    trainable: int  # those that require a gradient
+
+    @property
+    def total(self) -> int:
+        return self.model + self.adapters
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    adapters = {id(w) for m in model.modules() if isinstance(m, LoraLinear)
+                for w in (m.lora_A.weight, m.lora_B.weight)}
+    params = list(model.parameters())  # each shared tensor once
+    n_adapters = sum(p.numel() for p in params if id(p) in adapters)
+    return ParameterCount(model=sum(p.numel() for p in params) - n_adapters, adapters=n_adapters,
+                          trainable=sum(p.numel() for p in params if p.requires_grad))
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
@@ -170,7 +188,7 @@ def save_adapter(model: GPT, cfg: LoraConfig, folder: str | Path, base: str) -> 
     state = lora_state_dict(model)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / WEIGHTS_FILES[0], lambda p: save_file(state, p, metadata={"format": "pt"}))
+        write_atomically(folder / WEIGHTS_FILES[0], lambda p: save_safetensors(state, p))
         text = json.dumps(peft_config(cfg, base), indent=2, sort_keys=True) + "\n"
         write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(text))
     except OSError as e:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
+from .compile_log import compiling
 from .config import QUANTIZE
 from .errors import OptionError
 from .model import GPT
@@ -93,7 +94,10 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         return _int8_rows(materialized(x), weight, scale)
     if x.shape[0] <= FUSED_MAX_ROWS and _use_fused:
         try:
-            return _fused()(x, weight, scale)
+            if _fused.cache_info().currsize:
+                return _fused()(x, weight, scale)
+            with compiling("the int8 decode kernel"):
+                return _fused()(x, weight, scale)
         except Exception as e:  # no C++ compiler (CPU) or no Triton (CUDA): keep working, slower
             _use_fused = False
             log.warning("int8: the fused kernel could not be compiled (%s: %s); decoding falls back "

@@ -13,12 +13,12 @@
                                 trainer_state.json, and COMPLETE, written last
 
 A checkpoint is written into a hidden temporary folder, flushed to disk and renamed into place
-(CASES F1), so a crash leaves the previous checkpoints untouched; the top-level model files are
+so a crash leaves the previous checkpoints untouched; the top-level model files are
 hard links to the newest checkpoint's, each swapped in with one rename. That is enough for a
 reader of the top level never to see a mix of two models: within a run only the weights file
 changes from one checkpoint to the next (config, tokenizer and generation config are fixed by what
 --resume checks), and it is swapped in last. Resume reads tensors only through
-`torch.load(weights_only=True)` and state as JSON: no pickled objects (CASES F9).
+`torch.load(weights_only=True)` and state as JSON: no pickled objects, so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Run:
         return sorted(found)
 
     def latest(self, warn=lambda message: None) -> Path | None:
-        """The newest complete checkpoint; incomplete ones are skipped with a warning (CASES F3)."""
+        """The newest complete checkpoint; incomplete ones are skipped with a warning (a crash may leave one half-written)."""
         for step, folder in reversed(self.step_dirs()):
             missing = missing_files(folder)
             if not missing:
@@ -259,7 +259,7 @@ def read_state_json(path: Path) -> dict:
 
 
 def load_tensors(path: Path):
-    """The restricted unpickler only (CASES F9): tensors, numbers, strings and containers."""
+    """The restricted unpickler only (loading must never run code): tensors, numbers, strings and containers."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

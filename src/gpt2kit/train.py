@@ -10,7 +10,7 @@
 Steps 1-4 are in train_setup.py, the run folder in runs.py. Every optimizer step sees
 batch_size x grad_accum blocks, in an order that is a pure function of (seed, step), and all
 randomness is checkpointed, so a resumed run continues bit for bit as the uninterrupted run would
-have (CASES F6). Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint (F4, F5).
+have. Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,26 +30,27 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoints import save_hf
+from .compile_log import FIRST_RUN
 from .data import DataConfig
-from .errors import Gpt2kitError
+from .errors import Gpt2kitError, Stopped
 from .evaluate import evaluate_blocks
 from .lora import LoraConfig, merge_lora, save_adapter
 from .memorization import CopyDetector, write_samples
 from .model import GPT
 from .runs import METRICS, Run, capture_rng
+from .schedule import MIN_LR_RATIO, get_lr
 from .train_config import TrainConfig
 from .runtime import autocast, precision, resolve_device
 from .train_setup import (Job, ResumeMismatch, check_memory, load_for_training,
                           make_optimizer, plan_steps, prepare,
                           progress_bar, restore, run_settings, settle, summary_lines)
 
-__all__ = ["finetune", "RunResult", "TrainConfig", "TrainingInterrupted", "TrainingDiverged",
+__all__ = ["finetune", "get_lr", "RunResult", "TrainConfig", "TrainingInterrupted", "TrainingDiverged",
            "ResumeMismatch"]
-MIN_LR_RATIO = 0.1  # the schedules decay to 10% of the peak, as nanoGPT and the GPT-3 paper
 LOSS_CHUNK = 512  # rows of logits at a time in HeadCrossEntropy: 103 MB at GPT-2's vocabulary
 
 
-class TrainingInterrupted(Gpt2kitError):
+class TrainingInterrupted(Stopped):
     """Training stopped on SIGINT (exit 130) or SIGTERM (exit 143) after saving a checkpoint."""
 
     def __init__(self, step: int, checkpoint: Path | None, signum: int | None, result: "RunResult"):
@@ -121,6 +122,7 @@ def setup(job: Job, progress: bool) -> None:
     job.optimizer = make_optimizer(job.model, job.cfg, job.device)  # after FSDP: over the shards
     if job.cfg.compile:  # DDP first, then compile: TorchDynamo then splits the graph at DDP's buckets
         job.net = torch.compile(job.net)
+        job.emit({"event": "note", "message": f"--compile: the first step compiles the model ({FIRST_RUN})"})
     if job.plan.resume_from is not None:
         restore(job, job.plan.resume_from)
     elif job.world.is_main:
@@ -161,7 +163,7 @@ def train(job: Job, stop: StopSignals) -> RunResult:
 
 class StopSignals:
     """SIGINT and SIGTERM ask the loop to stop after the current optimizer step. Later signals are
-    ignored, so a second Ctrl-C cannot break the checkpoint being saved (CASES F5). The previous
+    ignored, so a second Ctrl-C cannot break the checkpoint being saved. The previous
     handlers are restored on exit. (Signal handlers can only be set from the main thread.)"""
 
     def __init__(self):
@@ -183,22 +185,12 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def get_lr(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:
-    """The learning rate of update `step` (0-based): linear warm-up to `peak` over `warmup`
-    steps, then cosine or linear decay to MIN_LR_RATIO x peak at step `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return peak * (MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * decay)
-
-
 # ---- 5. the steps ----------------------------------------------------------------------------
 
 def optimizer_step(job: Job) -> tuple[float, float]:
     """Forward and backward over the step's micro-batches (loss / grad_accum each), then clip and
     step. Returns the step's mean loss over all processes and the gradient norm before clipping.
-    A NaN/inf loss stops training before the weights are touched (CASES F8)."""
+    A NaN/inf loss stops training before the weights are touched, so the last checkpoint stays the last good one."""
     cfg, accum = job.cfg, job.cfg.grad_accum
     total = torch.zeros((), device=job.device)
     for micro in range(accum):

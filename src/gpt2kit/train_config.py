@@ -14,7 +14,8 @@ from .errors import OptionError
 
 SCHEDULES = ("cosine", "linear")
 LEARNING_RATES = {"fine-tune": 1e-4, "lora": 2e-4, "from-scratch": 6e-4}
-# Fields `--resume` may change: they alter when things happen, not what the model learns.
+# Fields `--resume` may change: they alter when things happen, not what the model learns
+# (epochs and max_steps move the end of the schedule, said and recorded: train_setup.keep_schedule).
 # (fsdp is one: sharded and replicated training compute the same steps, and checkpoints hold the
 # same whole-model files either way.)
 RESUME_SAFE = ("epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every",

@@ -1,7 +1,7 @@
 """Steps 1-4 of the fine-tuning recipe (train.py): settle the options, load the model, prepare
 the data, then summary, memory check, optimizer and the resumed state.
 
-Resuming (CASES F6, F7): run.json supplies every setting; the caller may change only the fields
+Resuming: run.json supplies every setting; the caller may change only the fields
 in RESUME_SAFE. The checkpoint then must match what would be trained now, field by field: model
 shape, block size, tokenizer, data fingerprint and adapters. Any difference is refused with the
 list of what differs, never half-applied.
@@ -24,10 +24,11 @@ from .checkpoints.hf import read_config
 from .config import PRESETS, ModelConfig
 from .data import DataConfig, PreparedData, _tokenizer_identity, prepare_data
 from .errors import CheckpointError, Gpt2kitError, InputFileError, OptionError
-from .lora import LoraConfig, apply_lora, load_adapter, trainable_parameters
+from .lora import LoraConfig, ParameterCount, apply_lora, count_parameters, load_adapter
 from .memory import MemoryEstimate, available_memory, check_fits, estimate, gb
 from .model import GPT
 from .readers import _existing, _pieces  # ask data.py for a public check_input(cfg)
+from .schedule import get_lr
 from .runs import OPTIMIZER, RNG, STATE, Run, RunFolderError, load_tensors, read_state_json, restore_rng
 from .lean_backward import save_less_for_backward
 from .runtime import checkpoint_blocks, set_dropout
@@ -123,7 +124,7 @@ def settle(data, model: str | None, config: TrainConfig | None, lora: LoraConfig
 
 def check_data(data: DataConfig) -> None:
     """Fail fast, before any model is loaded, on a missing file, a wrong --column or --field, or
-    no text at all (CASES T6): reading the first piece of text runs data.py's own checks."""
+    no text at all, so a mistake costs seconds, not a model download: reading the first piece of text runs data.py's own checks."""
     for path, what in ((data.path, "training"), (data.val_file, "validation")):
         if path is not None and next(_pieces(data, _existing(path)), None) is None:
             raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
@@ -252,23 +253,46 @@ def plan_steps(job: Job) -> None:
     job.warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, job.total_steps // 20)
     job.identity = model_identity(job.model, job.tokenizer, job.data, job.plan.lora)
     if job.plan.resume_from is not None:
-        problems = identity_mismatches(read_state_json(job.plan.resume_from / STATE), job.identity)
+        state = read_state_json(job.plan.resume_from / STATE)
+        problems = identity_mismatches(state, job.identity)
         if problems:
             raise ResumeMismatch(job.run.path, problems)
+        keep_schedule(job, state)
+
+
+def keep_schedule(job: Job, state: dict) -> None:
+    """On --resume, the run's warm-up stays as it was; a new --max-steps or --epochs moves only
+    the end of the decay, said in one note and recorded in run.json (so a later --resume keeps
+    it). Without this, a default warm-up (a share of the total) would silently change length."""
+    saved = state.get("schedule") or {}
+    step, old_total = int(state["step"]), saved.get("total_steps", job.total_steps)
+    job.warmup_steps = saved.get("warmup_steps", job.warmup_steps)
+    if job.total_steps == old_total:
+        return
+    if job.total_steps <= step:
+        raise OptionError("max_steps", f"would end the run at step {job.total_steps}, but it is "
+                          f"already at step {step}; give more steps (or epochs) to continue it")
+    lr = lambda total: get_lr(step, job.cfg.peak_lr, job.warmup_steps, total, job.cfg.schedule)  # noqa: E731
+    job.emit({"event": "note", "message": f"extending the run's schedule from {old_total} to "
+              f"{job.total_steps} steps: warm-up stays {job.warmup_steps} steps, the decay now ends "
+              f"at step {job.total_steps} (learning rate at step {step + 1}: {lr(old_total):.3g} -> "
+              f"{lr(job.total_steps):.3g}); recorded in run.json"})
+    if job.world.is_main:
+        job.run.start(run_settings(job.plan))
 
 
 def check_memory(job: Job, loss_rows: int | None) -> None:
     """The run's summary, and NotEnoughMemory before training when the estimate does not fit.
     `loss_rows`: logits rows the loss holds at a time (None: all, the plain loss)."""
-    trainable, total = trainable_parameters(job.model)
+    count = count_parameters(job.model)
     half = job.autocast_dtype in (torch.bfloat16, torch.float16)
     shards = job.world.world_size if job.cfg.fsdp else 1
-    est = estimate(job.model.config, total, trainable, job.cfg.batch_size // job.world.world_size,
+    est = estimate(job.model.config, count.total, count.trainable, job.cfg.batch_size // job.world.world_size,
                    job.data.block_size, job.cfg.grad_checkpointing, job.model.config.dropout,
                    activation_bytes=2 if half else 4, shards=shards, loss_rows=loss_rows,
                    lean=job.device.type == "cpu" and not half)  # lean_backward's case
     available = available_memory(job.device)
-    job.summary = describe(job, trainable, total, est, available)
+    job.summary = describe(job, count, est, available)
     processes = job.world.local_world_size if job.device.type == "cpu" else 1
     check_fits(est, available, resident=est.weights, processes=processes)
 
@@ -307,7 +331,7 @@ def run_settings(plan: Plan) -> dict:
             "lora": None if plan.lora is None else as_dict(plan.lora)}
 
 
-def describe(job: Job, trainable: int, total: int, est: MemoryEstimate, available: int | None) -> dict:
+def describe(job: Job, count: ParameterCount, est: MemoryEstimate, available: int | None) -> dict:
     cfg, data, per_step = job.cfg, job.data, job.cfg.batch_size * job.cfg.grad_accum
     source = f"new {cfg.size} GPT-2" if cfg.from_scratch else job.plan.model
     return {"model": source, "device": str(job.device), "processes": job.world.world_size,
@@ -320,7 +344,8 @@ def describe(job: Job, trainable: int, total: int, est: MemoryEstimate, availabl
             "steps_per_epoch": math.ceil(len(data.train) / per_step), "total_steps": job.total_steps,
             "epochs": round(job.total_steps * per_step / len(data.train), 2),
             "learning_rate": cfg.peak_lr, "schedule": cfg.schedule, "warmup_steps": job.warmup_steps,
-            "trainable_parameters": trainable, "parameters": total,
+            "trainable_parameters": count.trainable, "parameters": count.model,
+            "adapter_parameters": count.adapters,
             "memory_estimate": est.total, "memory_detail": est.describe(), "memory_available": available}
 
 
@@ -330,7 +355,8 @@ def summary_lines(record: dict) -> list[str]:
     if kind == "summary":
         r = record
         room = f"of {gb(r['memory_available'])} available" if r["memory_available"] else "(available unknown)"
-        return [f"model: {r['model']}: {r['parameters'] / 1e6:.1f}M parameters, "
+        adapters = f" + {r['adapter_parameters'] / 1e6:.2f}M in LoRA adapters" if r["adapter_parameters"] else ""
+        return [f"model: {r['model']}: {r['parameters'] / 1e6:.1f}M parameters{adapters}, "
                 f"{r['trainable_parameters'] / 1e6:.2f}M trainable; {r['precision']} on {r['device']}"
                 + (f" x {r['processes']} processes" if r["processes"] > 1 else "")
                 + (" (FSDP: state sharded across them)" if r.get("sharded") else ""),

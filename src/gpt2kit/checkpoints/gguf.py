@@ -50,7 +50,8 @@ def save_gguf(model: GPT, tokenizer: Tokenizer, path: Path, type: str = "f32", n
     try:
         import gguf
     except ImportError:
-        raise Gpt2kitError("GGUF export needs the gguf package: pip install 'gpt2kit[gguf]'") from None
+        raise Gpt2kitError('GGUF export needs the gguf package: pip install -e ".[gguf]" in the '
+                           "gpt2kit folder (or pip install gguf)") from None
     if type not in TYPES:
         raise CheckpointError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, OptionError
 from ..model import GPT
-from .weights import (TORCH_SUFFIXES, describe_dtypes, find_weights, iter_tensors, read_json,
+from .weights import (TORCH_SUFFIXES, save_safetensors, describe_dtypes, find_weights, iter_tensors, read_json,
                       read_shapes, weight_files)
 
 # Hugging Face's Conv1D keeps these weights as (in, out): transposed on import and on export.
@@ -275,7 +274,7 @@ def save_hf(model: GPT, folder: str | Path, *, tokenizer=None,
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         _write_json(tmp / "config.json", hf_config(model.config, dtype))
-        save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(hf_state_dict(model), tmp / "model.safetensors")
         _write_json(tmp / "generation_config.json",
                     {"bos_token_id": _eot(model.config), "eos_token_id": _eot(model.config),
                      **(generation_config or {})})

@@ -1,9 +1,10 @@
 """Reading tensors out of weights files, treating every file as untrusted input.
 
 Formats: safetensors (preferred: no code can run), PyTorch pickles (`.bin`, `.pt`) through
-`torch.load(weights_only=True)` only (CASES C5; torch >= 2.10 for CVE-2026-24747), and sharded
-checkpoints whose `*.index.json` names the shard files. Shard names come from the model's own
-metadata, so each must stay inside the model folder (CASES C7, CWE-22).
+`torch.load(weights_only=True)` only (a pickle can run any code; torch >= 2.10 for
+CVE-2026-24747), and sharded checkpoints whose `*.index.json` names the shard files. Shard names
+come from the model's own metadata, so each must stay inside the model folder (a crafted index
+must not make gpt2kit read files elsewhere, CWE-22). Writing: `save_safetensors`.
 
 Tensors are yielded one at a time, in the file's dtype on the CPU, so the caller can convert and
 place each before reading the next: at most one tensor beyond the final model is held at once.
@@ -19,13 +20,21 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from ..atomic import default_permissions
 from ..errors import CheckpointError
 
-# A folder's weights, in order of preference: safetensors first (C5), then the pickle formats.
+# A folder's weights, in order of preference: safetensors first (no code can run), then the pickles.
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` as a safetensors file with the permissions of any other new file."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    default_permissions(path)
 
 
 def corrupt(path: Path, why: str) -> CheckpointError:

@@ -12,6 +12,7 @@ import sys
 
 from ..errors import Gpt2kitError, OptionError
 from .flags import Parser, flag_of
+from .messages import show_library_messages
 from .generate import GENERATE_EXAMPLES, configure_generate, run_generate
 from .models import CONVERT_EXAMPLES, configure_convert, configure_info, run_convert, run_info
 from .serve import SERVE_EXAMPLES, configure_serve, run_serve
@@ -59,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    show_library_messages()
     try:
         return args.run(args)
     except OptionError as e:
         print(f"error: {e.as_flag(flag_of(e.field))}", file=sys.stderr)
         return e.exit_code
     except Gpt2kitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,7 +23,9 @@ def run_info(args: argparse.Namespace) -> int:
         width = max(map(len, info))
         for key, value in info.items():
             if key == "parameters":
-                value = f"{value:,} ({value / 1e6:.1f}M)"
+                value = f"{value:,} ({value / 1e6:.1f}M; the tied embedding and LM head counted once)"
+            elif value is None:
+                value = "none"
             print(f"{key.replace('_', ' '):<{width}}  {value}")
     return 0
 

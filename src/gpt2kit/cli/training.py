@@ -12,7 +12,7 @@ from .flags import add_dataclass_flags, add_model_flags, load_options, options_f
 
 
 FINETUNE_EXAMPLES = """examples:
-  gpt2kit finetune ../shared/data/onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
+  gpt2kit finetune onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
   gpt2kit finetune data.txt --out runs/x --resume          # continue after a crash or Ctrl-C
   gpt2kit finetune data.jsonl --field text --lora --out runs/y
   gpt2kit finetune corpus.txt --from-scratch --size tiny --out runs/t
@@ -39,9 +39,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     data = DataConfig(path=args.data, **data_options) if args.data else None
     if data_options and data is None:
         raise OptionError("data", "options need the data file: repeat its path with --resume")
+    options = options_for(TrainConfig, args)
+    # --lora is TrainConfig's switch, the --lora-* flags LoraConfig's fields; finetune() takes
+    # both as its one `lora` argument: True (default adapters) or the LoraConfig the flags make.
+    switch = options.pop("lora", None)
     lora_options = options_for(LoraConfig, args, prefix="lora_")
-    lora = LoraConfig(**lora_options) if lora_options else None
-    result = finetune(data, args.model, lora=lora, progress=True, **options_for(TrainConfig, args))
+    lora = LoraConfig(**lora_options) if lora_options else switch
+    result = finetune(data, args.model, lora=lora, progress=True, **options)
     print(f"{result.status}: {result.steps} steps; model saved in {result.out} "
           f"(gpt2kit generate -m {result.out} ...)", file=sys.stderr)
     return 0

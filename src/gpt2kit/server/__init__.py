@@ -21,14 +21,17 @@ def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "
     try:
         import uvicorn
     except ImportError:
-        raise Gpt2kitError("the server needs FastAPI and uvicorn: pip install 'gpt2kit[serve]'") from None
+        raise Gpt2kitError('the server needs FastAPI and uvicorn: pip install -e ".[serve]" in the '
+                           "gpt2kit folder (or pip install fastapi uvicorn)") from None
     from ..api import load
     from .app import create_app
     model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile)
     app = create_app(model, settings, served=model_spec)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+    from .listen import Server
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_timeout)
+    Server(config).run()  # as uvicorn.run(app, ...) does; a failed start exits inside run()
 
 
 __all__ = ["ServerConfig", "serve"]
