@@ -132,7 +132,7 @@ class CompiledDecode:
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
         shape = (cache.batch_size, cache.max_len)
-        announce = compiling(f"the decode step for {shape[0]} rows x {shape[1]} positions") \
+        announce = compiling(f"the decode step for {shape[0]} row{'s' * (shape[0] > 1)} x {shape[1]} positions") \
             if shape not in self.shapes else contextlib.nullcontext()
         try:
             with self.configs[0], self.configs[1], announce:
