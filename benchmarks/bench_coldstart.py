@@ -53,8 +53,8 @@ print(tokenizer.decode(out[0, ids.shape[1]:]))
 import torch
 from gpt2kit.checkpoints.hf import meta_model
 from gpt2kit.config import ModelConfig
-from gpt2kit.running_batch import RunningBatch
-from gpt2kit.runtime import prepare_for_inference
+from gpt2kit.inference.running_batch import RunningBatch
+from gpt2kit.kernels.packed_linear import prepare_for_inference
 {rss}
 model = meta_model(ModelConfig.preset({size!r}))
 zeros = {{k: torch.zeros(v.shape, device={device!r}) for k, v in model.state_dict().items() if k != "lm_head.weight"}}

@@ -142,7 +142,7 @@ class Gpt2kit:
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> int:
         from gpt2kit.config import GenerationConfig
-        from gpt2kit.generate import generate_events
+        from gpt2kit.inference.generate import generate_events
         cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
         events = generate_events(self.model.module, self.model.tokenizer, prompts, cfg)
         done = [e.completion for e in events if e.completion]

@@ -62,9 +62,9 @@ def build(engine: str, folder: str, device):
         return hf, lambda x: F.cross_entropy(hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1),
                                              x[:, 1:].flatten())
     from gpt2kit.checkpoints import load_model
+    from gpt2kit.kernels.lean_backward import save_less_for_backward
     from gpt2kit.lora import LoraConfig, apply_lora
-    from gpt2kit.lean_backward import save_less_for_backward
-    from gpt2kit.train import compute_loss
+    from gpt2kit.training.loop import compute_loss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
@@ -75,10 +75,10 @@ def build(engine: str, folder: str, device):
 def worker(args) -> dict:
     import torch
 
-    from gpt2kit.memory import process_peak_rss
-    from gpt2kit.train_config import TrainConfig
     from gpt2kit.runtime import autocast
-    from gpt2kit.train_setup import make_optimizer
+    from gpt2kit.training.config import TrainConfig
+    from gpt2kit.training.memory import process_peak_rss
+    from gpt2kit.training.setup import make_optimizer
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, compute_loss = build(args.worker, args.folder, device)
@@ -134,7 +134,7 @@ def measure(args, engine: str, folder: str) -> dict:
 
 def seed_job(tokens_per_s: float) -> str:
     """The seed's job at `tokens_per_s`: 10 epochs of onelinefun.csv's jokes, gpt2, batch 8 x 1024."""
-    from gpt2kit.data import DataConfig, prepare_data
+    from gpt2kit.data.prepare import DataConfig, prepare_data
     from gpt2kit.tokenizer import Tokenizer
     with tempfile.TemporaryDirectory() as cache:
         data = prepare_data(DataConfig(path=str(JOKES), column="Joke", cache_dir=cache),

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 import gpt2kit  # noqa: E402
 from gpt2kit.checkpoints.hf import save_hf  # noqa: E402
 from gpt2kit.config import GenerationConfig, ModelConfig  # noqa: E402
-from gpt2kit.generate import generate_events  # noqa: E402
+from gpt2kit.inference.generate import generate_events  # noqa: E402
+from gpt2kit.inference.running_batch import RunningBatch  # noqa: E402
 from gpt2kit.model import GPT  # noqa: E402
-from gpt2kit.running_batch import RunningBatch  # noqa: E402
 from gpt2kit.runtime import device_option  # noqa: E402
 
 PROMPT = 16

@@ -9,14 +9,24 @@ import struct
 
 import pytest
 import torch
+from helpers_checkpoints import (
+    CPU,
+    Payload,
+    edit_config,
+    hf_logits,
+    our_logits,
+    save_bin,
+    save_original_layout,
+    save_sharded_bin,
+    tiny_hf,
+    write_index,
+)
 
 from gpt2kit.checkpoints import LoadedModel, hf, hub, load_model, save_hf
 from gpt2kit.checkpoints.resolve import resolve_spec
 from gpt2kit.config import ModelConfig
 from gpt2kit.errors import CheckpointError
 from gpt2kit.model import GPT
-from helpers_checkpoints import (CPU, Payload, edit_config, hf_logits, our_logits, save_bin,
-                                 save_original_layout, save_sharded_bin, tiny_hf, write_index)
 
 TOL = 1e-4
 

@@ -90,7 +90,7 @@ def test_saved_models_are_readable_like_any_other_file(tiny_folder, tmp_path):
 
 
 def test_a_deliberate_stop_is_not_reported_as_an_error(monkeypatch, capsys, jokes_csv, tmp_path):
-    import gpt2kit.train as train
+    import gpt2kit.training.loop as train
 
     def stopped(*args, **kwargs):
         raise train.TrainingInterrupted(3, tmp_path / "checkpoints" / "step-0000003", 2, None)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import gpt2kit
-from gpt2kit import compiled_decode
 from gpt2kit.config import GenerationConfig
-from gpt2kit.generate import generate_events, make_rows, step
-from gpt2kit.running_batch import RunningBatch
-from gpt2kit.runtime import PackedLinear
+from gpt2kit.inference.generate import generate_events, make_rows, step
+from gpt2kit.inference.running_batch import RunningBatch
+from gpt2kit.kernels import compiled_decode
+from gpt2kit.kernels.packed_linear import PackedLinear
 
 GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
 

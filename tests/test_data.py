@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jokes import make_jokes
 
-import gpt2kit.data as data
-import gpt2kit.readers as readers
-from gpt2kit.blocks import TokenBlocks
-from gpt2kit.data import DataConfig, PreparedData, prepare_data, read_documents
+import gpt2kit.data.prepare as data
+import gpt2kit.data.readers as readers
+from gpt2kit.data.blocks import TokenBlocks
+from gpt2kit.data.prepare import DataConfig, PreparedData, prepare_data, read_documents
 from gpt2kit.errors import InputFileError, OptionError
 from gpt2kit.tokenizer import Tokenizer
-from jokes import make_jokes
 
 LITERAL_EOS = "<|endoftext|>"
 

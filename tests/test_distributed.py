@@ -15,15 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2kit import distributed
 from gpt2kit.errors import OptionError
-from gpt2kit.train_config import TrainConfig
-
+from gpt2kit.training import distributed
+from gpt2kit.training.config import TrainConfig
 
 SCRIPT = """
 import os, signal, sys
-from gpt2kit.data import DataConfig
-from gpt2kit.train import TrainingInterrupted, finetune
+from gpt2kit.data.prepare import DataConfig
+from gpt2kit.training.loop import TrainingInterrupted, finetune
 out, mode, stop_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 

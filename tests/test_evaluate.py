@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_hf_model
-from gpt2kit.blocks import TokenBlocks
+
 from gpt2kit.checkpoints import load_model
+from gpt2kit.data.blocks import TokenBlocks
 from gpt2kit.errors import OptionError, TokenizerError
-from gpt2kit.evaluate import (Scores, evaluate_blocks, evaluate_documents, score_sequences,
-                              score_tokens, sliding_windows)
+from gpt2kit.inference.scoring import (
+    Scores,
+    evaluate_blocks,
+    evaluate_documents,
+    score_sequences,
+    score_tokens,
+    sliding_windows,
+)
 
 EOT = 50256
 N_CTX = 64

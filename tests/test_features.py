@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from gpt2kit.cli import main
 from gpt2kit.errors import OptionError, TokenizerError
-from gpt2kit.evaluate import score_tokens
+from gpt2kit.inference.scoring import score_tokens
 
 TOL = 1e-4  # the bound for parity with transformers in float32
 TEXTS = ["The cat sat on the mat.", "Hi", "A much longer sentence, with commas, that goes on for a while.",

@@ -5,7 +5,7 @@ import torch
 
 import gpt2kit
 from gpt2kit.config import GenerationConfig
-from gpt2kit.generate import generate_events, split_stop
+from gpt2kit.inference.generate import generate_events, split_stop
 
 GREEDY = dict(temperature=0, stop_at_eos=False)
 

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers_checkpoints import IDS, hf_logits, save_bin, tiny_hf
 from hub_server import FakeHub
 

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_checkpoints import CPU, Payload, hf_logits, our_logits, save_nanogpt, tiny_hf
 
 import gpt2kit
 from gpt2kit.checkpoints import hub, load_model
-from gpt2kit.cli import main
 from gpt2kit.checkpoints.tensorflow import our_key, read_tokenizer
 from gpt2kit.checkpoints.tf_bundle import read_bundle
+from gpt2kit.cli import main
 from gpt2kit.convert import OutputError
 from gpt2kit.errors import CheckpointError, OptionError
-from helpers_checkpoints import CPU, IDS, Payload, hf_logits, our_logits, save_nanogpt, tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tf-tiny"
@@ -304,6 +304,7 @@ def test_gguf_metadata_is_what_llama_cpp_reads(gguf_files, tf_model):
 
 def test_gguf_tensor_names_agree_with_gguf_and_round_trip(gguf_files, tf_model):
     import gguf
+
     from gpt2kit.checkpoints.gguf import gguf_name
     reader = gguf.GGUFReader(gguf_files["f32"])
     tensors = {t.name: t for t in reader.tensors}

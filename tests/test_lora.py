@@ -10,15 +10,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers_checkpoints import CPU, tiny_hf
 from safetensors.torch import load_file, save_file
 
 from gpt2kit.checkpoints import load_model
 from gpt2kit.config import ModelConfig
 from gpt2kit.errors import CheckpointError, OptionError
-from gpt2kit.lora import (TARGETS, LoraConfig, LoraLinear, apply_lora, load_adapter, lora_state_dict,
-                          merge_lora, save_adapter, count_parameters)
+from gpt2kit.lora import (
+    TARGETS,
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 from gpt2kit.model import GPT
-from helpers_checkpoints import CPU, tiny_hf
 
 CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
 IDS = torch.tensor([[5, 17, 99, 3, 64, 2, 120, 42], [1, 2, 3, 4, 5, 6, 7, 8]])  # (B, T) = (2, 8)

@@ -3,11 +3,10 @@ padded paths against the plain forward."""
 
 import pytest
 import torch
+from conftest import tiny_hf_model
 
 import gpt2kit
-from gpt2kit.kv_cache import KVCache
-
-from conftest import tiny_hf_model
+from gpt2kit.inference.kv_cache import KVCache
 
 SHAPES = [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=3, n_head=4, n_embd=64),
           dict(n_layer=1, n_head=1, n_embd=16)]
@@ -80,7 +79,7 @@ def test_inference_layout_equals_plain_model(tiny_folder):
     from gpt2kit.checkpoints import load_model
     plain = load_model(str(tiny_folder), torch.device("cpu"), torch.float32).model
     fast = gpt2kit.load(tiny_folder, device="cpu").module
-    from gpt2kit.runtime import PackedLinear
+    from gpt2kit.kernels.packed_linear import PackedLinear
     if torch.backends.mkldnn.is_available():  # the fast path must really be in use here
         assert PackedLinear.available()
         assert isinstance(fast.transformer.h[0].mlp.c_fc, PackedLinear)
@@ -98,7 +97,7 @@ def test_inference_layout_gives_the_plain_models_greedy_tokens(tiny_folder):
     """Greedy decoding through the packed layout picks exactly the plain module's tokens."""
     from gpt2kit.checkpoints import load_model
     from gpt2kit.config import GenerationConfig
-    from gpt2kit.generate import generate_events
+    from gpt2kit.inference.generate import generate_events
     fast = gpt2kit.load(tiny_folder, device="cpu")
     plain = load_model(str(tiny_folder), torch.device("cpu"), torch.float32).model
     prompts = [fast.tokenizer.encode(p) for p in ("Hello there, how are", "Hi", "Once upon a time")]

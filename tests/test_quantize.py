@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_hf_model
 
 import gpt2kit
-from gpt2kit.quantize import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, compare, int8_matmul, quantize_rows
-
-from conftest import tiny_hf_model
+from gpt2kit.kernels.int8 import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, int8_matmul, quantize_rows
+from gpt2kit.quantize import compare
 
 
 def test_per_row_quantization_error_is_at_most_half_a_step():

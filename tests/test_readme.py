@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_hf_model
 from helpers_checkpoints import save_nanogpt
 from hub_server import FakeHub

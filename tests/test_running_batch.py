@@ -3,9 +3,9 @@
 import torch
 
 from gpt2kit.config import GenerationConfig
-from gpt2kit.generate import make_rows, step
-from gpt2kit.kv_cache import KVCache
-from gpt2kit.running_batch import RunningBatch
+from gpt2kit.inference.generate import make_rows, step
+from gpt2kit.inference.kv_cache import KVCache
+from gpt2kit.inference.running_batch import RunningBatch
 
 GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
 

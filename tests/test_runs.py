@@ -19,10 +19,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpt2kit import runs
 from gpt2kit.errors import CheckpointError
-from gpt2kit.runs import Run, RunFolderError
-
+from gpt2kit.training import runs
+from gpt2kit.training.runs import Run, RunFolderError
 
 
 def fake_model(value: float):
@@ -112,7 +111,7 @@ def test_kill_9_during_a_save_leaves_no_partial_checkpoint(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_runs import save, fake_model
-        from gpt2kit.runs import Run
+        from gpt2kit.training.runs import Run
         run = Run({str(out)!r})
         save(run, 1)
         def slow(folder):
@@ -165,8 +164,8 @@ def test_crafted_pickles_are_refused_not_run(tmp_path):
 
 
 def test_resume_from_a_crafted_rng_file_is_refused(tmp_path, tiny_folder, jokes_csv):
-    from gpt2kit.data import DataConfig
-    from gpt2kit.train import finetune
+    from gpt2kit.data.prepare import DataConfig
+    from gpt2kit.training.loop import finetune
     out = tmp_path / "run"
     finetune(DataConfig(path=str(jokes_csv), column="Joke", cache_dir=str(tmp_path / "cache")), str(tiny_folder),
              out=str(out), max_steps=1, batch_size=2, eval_batches=1, sample_every=0, device="cpu", progress=False)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from gpt2kit import sampling
 from gpt2kit.config import GenerationConfig
+from gpt2kit.inference import sampling
 
 INF = float("-inf")
 

@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 import torch
+from server_helpers import running_server
 
 from gpt2kit.server.app import create_app
 from gpt2kit.server.settings import ServerConfig
-from server_helpers import running_server
 
 LONG = {"prompt": "Tell me a story", "max_tokens": 400, "slide": True, "ignore_eos": True}
 

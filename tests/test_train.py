@@ -21,19 +21,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2kit import runs
 from gpt2kit.config import ModelConfig
-from gpt2kit.data import DataConfig
+from gpt2kit.data.prepare import DataConfig
 from gpt2kit.errors import OptionError
-from gpt2kit.memory import NotEnoughMemory
-from gpt2kit.memorization import COPY_SPAN, CopyDetector
+from gpt2kit.kernels.checkpointing import checkpoint_blocks
 from gpt2kit.model import GPT
-from gpt2kit.runs import RunFolderError
-from gpt2kit.train import TrainingDiverged, TrainingInterrupted, finetune, get_lr
-from gpt2kit.train_config import TrainConfig
-from gpt2kit.runtime import checkpoint_blocks
-from gpt2kit.train_setup import ResumeMismatch, identity_mismatches, make_optimizer
-
+from gpt2kit.training import runs
+from gpt2kit.training.config import TrainConfig
+from gpt2kit.training.loop import TrainingDiverged, TrainingInterrupted, finetune, get_lr
+from gpt2kit.training.memory import NotEnoughMemory
+from gpt2kit.training.runs import RunFolderError
+from gpt2kit.training.samples import COPY_SPAN, CopyDetector
+from gpt2kit.training.setup import ResumeMismatch, identity_mismatches, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +306,7 @@ def test_existing_out_is_never_overwritten(finished_run, jokes, tiny_folder, tmp
 # ---- faults ---------------------------------------------------------------------------------
 
 def test_nan_loss_stops_before_touching_the_weights(jokes, tiny_folder, tmp_path, monkeypatch):
-    import gpt2kit.train as train
+    import gpt2kit.training.loop as train
     real = train.compute_loss
     calls = iter(range(10**6))
 
@@ -353,7 +352,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(jokes, tiny_folder
 
 
 def test_not_enough_memory_is_refused_before_training(jokes, tiny_folder, tmp_path, monkeypatch):
-    import gpt2kit.train_setup as setup
+    import gpt2kit.training.setup as setup
     monkeypatch.setattr(setup, "available_memory", lambda device: 10_000)
     out = tmp_path / "oom"
     with pytest.raises(NotEnoughMemory) as e:
@@ -367,9 +366,9 @@ def test_not_enough_memory_is_refused_before_training(jokes, tiny_folder, tmp_pa
 
 SIGNAL_SCRIPT = """
 import sys
-from gpt2kit.data import DataConfig
+from gpt2kit.data.prepare import DataConfig
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.train import finetune
+from gpt2kit.training.loop import finetune
 try:
     finetune(DataConfig(path={data!r}, column="Joke", cache_dir={cache!r}), {model!r}, out={out!r},
              max_steps=100000, batch_size=2, eval_every=0, sample_every=0, save_every=0,
@@ -439,8 +438,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_fused_head_loss_matches_the_plain_path(monkeypatch):
     """HeadCrossEntropy (chunks of rows, gradients made in the forward) against cross_entropy
     over the whole logits: the loss, both gradients scaled by the caller, a frozen head (LoRA)."""
-    import gpt2kit.train as train
-    monkeypatch.setattr(train, "LOSS_CHUNK", 7)  # 3 chunks, the last one short
+    import gpt2kit.kernels.fused_loss as fused_loss
+    import gpt2kit.training.loop as train
+    monkeypatch.setattr(fused_loss, "LOSS_CHUNK", 7)  # 3 chunks, the last one short
     cfg = ModelConfig(vocab_size=96, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     model = GPT(cfg).train()
     x = torch.randint(0, 96, (2, 11))
@@ -498,8 +498,9 @@ def test_copy_detector_flags_long_spans_and_whole_short_documents():
 
 def test_lora_run_folder_loads_as_merged_model(tmp_path, jokes_csv):
     """gpt2kit.load on a LoRA run without --merge-lora: base + adapter, merged on load."""
-    import gpt2kit
     from conftest import tiny_hf_model
+
+    import gpt2kit
     base = tmp_path / "base"
     tiny_hf_model().save_pretrained(base)
     out = tmp_path / "lora-run"

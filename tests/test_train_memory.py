@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from gpt2kit.config import ModelConfig
-from gpt2kit.data import DataConfig
+from gpt2kit.data.prepare import DataConfig
+from gpt2kit.kernels.checkpointing import checkpoint_blocks
+from gpt2kit.kernels.lean_backward import save_less_for_backward
 from gpt2kit.lora import LoraConfig, apply_lora
 from gpt2kit.model import GPT
-from gpt2kit.lean_backward import save_less_for_backward
-from gpt2kit.memory import estimate
-from gpt2kit.runtime import checkpoint_blocks
-from gpt2kit.train import compute_loss
-from gpt2kit.train_config import TrainConfig
-from gpt2kit.train_setup import Plan, load_for_training, make_optimizer
+from gpt2kit.training.config import TrainConfig
+from gpt2kit.training.loop import compute_loss
+from gpt2kit.training.memory import estimate
+from gpt2kit.training.setup import Plan, load_for_training, make_optimizer
 
 CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.1)
 B, T = 2, 24  # B*nh*T*T, B*T*C and B*T*4C elements all differ, so saved tensors can be told apart

@@ -12,21 +12,29 @@ from __future__ import annotations
 import importlib
 
 from .config import DataConfig, GenerationConfig, LoraConfig, ModelConfig
+
 # Imported now, not lazily: the function shares its submodule's name, and the first import of
 # gpt2kit.convert would otherwise bind the module over it. convert.py imports no torch.
 from .convert import convert
-from .errors import (CheckpointError, DeviceError, Gpt2kitError, HubError, OptionError,
-                     PromptTooLong, TokenizerError)
+from .errors import (
+    CheckpointError,
+    DeviceError,
+    Gpt2kitError,
+    HubError,
+    OptionError,
+    PromptTooLong,
+    TokenizerError,
+)
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load": "api", "Model": "api",
     "Tokenizer": "tokenizer",
-    "Completion": "generate", "TokenLogprob": "generate",
+    "Completion": "inference.generate", "TokenLogprob": "inference.generate",
     "GPT": "model",
-    "finetune": "train", "RunResult": "train", "TrainingInterrupted": "train",
-    "TrainConfig": "train_config",
+    "finetune": "training.loop", "RunResult": "training.loop", "TrainingInterrupted": "training.loop",
+    "TrainConfig": "training.config",
 }
 
 __all__ = ["convert", "DataConfig", "GenerationConfig", "LoraConfig", "ModelConfig", "CheckpointError", "DeviceError", "Gpt2kitError",

@@ -10,15 +10,17 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import compiled_decode, features
 from .checkpoints import LoadedModel, load_model
 from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
-from .evaluate import Scores
-from .generate import Completion, generate_events
+from .inference import features
+from .inference.generate import Completion, generate_events
+from .inference.scoring import Scores
+from .kernels import compiled_decode
+from .kernels.packed_linear import prepare_for_inference
 from .lora import count_parameters
 from .quantize import check_quantize, quantize_int8
-from .runtime import prepare_for_inference, resolve_device, resolve_dtype
+from .runtime import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 
@@ -112,7 +114,7 @@ class Model:
         gives a list of Scores, computed in shared batches. Texts longer than the context are
         scored on sliding windows moved by `stride` tokens (default: half the context), the same
         scoring as `evaluate` and `gpt2kit eval`."""
-        from .evaluate import score_sequences
+        from .inference.scoring import score_sequences
         scores = score_sequences(self.module, self._encode(text), self.tokenizer.eos_id, stride,
                                  batch_size, progress)
         return scores[0] if isinstance(text, str) else scores
@@ -160,8 +162,8 @@ class Model:
         JSONL, text or a folder, read as fine-tuning reads them), each document followed by
         <|endoftext|>; texts longer than the context are scored with a sliding window moved by
         `stride` tokens (default: half the context)."""
-        from .data import read_documents
-        from .evaluate import evaluate_documents
+        from .data.prepare import read_documents
+        from .inference.scoring import evaluate_documents
         cfg = data if isinstance(data, DataConfig) else DataConfig(path=str(data), **data_options)
         docs = (self.tokenizer.encode(text) for text in read_documents(cfg))
         return evaluate_documents(self.module, docs, self.tokenizer.eos_id, stride=stride)

@@ -34,6 +34,7 @@ def convert(source: str | Path, to: str, out: str | Path, *, type: str = "f32", 
     if to == "gguf" and out.is_dir():
         raise OutputError(f"{out} is a folder; --to gguf writes one file (such as {out.name}.gguf)")
     import torch
+
     from .checkpoints import load_model, save_hf
     dtype = torch.float16 if (to, type) == ("hf", "f16") else torch.float32
     loaded = load_model(str(source), torch.device("cpu"), dtype)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .atomic import write_atomically
 from .checkpoints.hf import _listing
 from .checkpoints.weights import iter_tensors, read_json, save_safetensors
-from .atomic import write_atomically
 from .config import TARGETS, LoraConfig
 from .errors import CheckpointError, OptionError
 from .model import GPT
@@ -87,7 +87,7 @@ class LoraLinear(nn.Module):
 def apply_lora(model: GPT, cfg: LoraConfig) -> GPT:
     """Freeze every parameter of `model` and wrap each targeted nn.Linear in a LoraLinear.
 
-    Apply LoRA before runtime.prepare_for_inference (which packs the linear layers); to run a
+    Apply LoRA before kernels.packed_linear.prepare_for_inference (which packs the linear layers); to run a
     trained adapter fast, merge_lora first.
     """
     linears = _targeted(model, cfg.targets)
@@ -145,7 +145,7 @@ def _targeted(model: GPT, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
              if type(m) is nn.Linear and _matches(name, targets)}
     if not found:
         raise OptionError("targets", f"{', '.join(targets)} match no nn.Linear of this model (was "
-                          "it prepared for inference? apply LoRA before runtime.prepare_for_inference)")
+                          "it prepared for inference? apply LoRA before kernels.packed_linear.prepare_for_inference)")
     return found
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .inference.kv_cache import KVCache
 
 
 class CausalSelfAttention(nn.Module):

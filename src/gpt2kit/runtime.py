@@ -1,6 +1,6 @@
 """Every device and dtype decision in one place, so the CPU and CUDA paths cannot drift apart:
-device and dtype resolution, the inference layout, training precision (autocast, loss scaling),
-gradient checkpointing and dropout, all applied from outside the model.
+device and dtype resolution, training precision (autocast, loss scaling), seeded generators.
+(The kernels these choices lead to live in kernels/.)
 
 "auto" means: CUDA when present, else CPU; bfloat16 on a CUDA device that supports it (float16 on
 older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it would only be slower).
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-from dataclasses import replace
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .errors import DeviceError
-from .model import GPT, CausalSelfAttention
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,95 +72,7 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn.Module:
-    """Inference-only layout choices for CPU float32, applied from outside the model (which stays
-    plain and trainable; these swaps are for a model that will only be run forward).
-
-    Every block matrix is prepacked once for oneDNN's matrix multiply (`PackedLinear`), and the
-    MLP's tanh-GELU runs inside its first matrix multiply. Measured on this project's 2-core
-    AVX-512 machines, GPT-2 124M shapes, against nn.Linear: 19-30 instead of 10-13 GB/s of
-    weights streamed at batch 1. The tied LM head runs through the same oneDNN op on the
-    embedding matrix as it is (packing it would need a second copy of its 154 MB, since the
-    embedding lookup reads the same rows): 7 ms at batch 1 and 11 ms at batch 8 against 15 and
-    28 ms for nn.Linear (a packed copy: 7 and 8 ms). Same math in float32.
-
-    `pack=False` keeps every matrix in its plain layout, for a compiled decode step
-    (compiled_decode.py): there, a single row's product is a kernel Inductor generates from the
-    plain weight (see `PackedLinear.forward`), which streams it faster than oneDNN does.
-    """
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not PackedLinear.available():
-        return model
-    for block in model.transformer.h:
-        block.attn.c_attn = PackedLinear(block.attn.c_attn.weight, block.attn.c_attn.bias, pack=pack)
-        block.attn.c_proj = PackedLinear(block.attn.c_proj.weight, block.attn.c_proj.bias, pack=pack)
-        block.mlp = PackedMLP(block.mlp, pack)
-    model.lm_head = PackedLinear(model.transformer.wte.weight, pack=False)
-    return model
-
-
-class PackedLinear(torch.nn.Module):
-    """A float32 CPU inference stand-in for nn.Linear whose weight oneDNN has prepacked, taking
-    and returning ordinary tensors (the op Inductor's CPU backend uses for frozen linears).
-    `gelu=True` applies the tanh-GELU inside the same kernel; `pack=False` uses the weight as it
-    is, shared with its owner (slower at batch > 1, no copy).
-
-    Traced into a compiled graph with a plain weight, a single row's product is written as a
-    broadcast and a reduction instead, which Inductor turns into one kernel streaming the weight:
-    ~25 GB/s against oneDNN's 21-22 for GPT-2 124M's matrices on this project's CPUs."""
-
-    PACK_ROWS = 8  # the row count the packing is tuned for; 1 and 512 rows run as fast with it
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
-                 pack: bool = True):
-        super().__init__()
-        weight = weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
-                             if pack else weight)
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        self.post_op = ("gelu", [], "tanh") if gelu else ("none", [], "")
-        self.gelu, self.packed = gelu, pack
-
-    @staticmethod
-    def available() -> bool:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
-            return self._one_row(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
-
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        y = (materialized(x).reshape(1, -1) * self.weight).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias
-        if self.gelu:
-            y = torch.nn.functional.gelu(y, approximate="tanh")
-        return y.view(*x.shape[:-1], -1)
-
-
-def materialized(x: torch.Tensor) -> torch.Tensor:
-    """x computed into a buffer of its own before a compiled one-row product reads it
-    (PackedLinear._one_row, quantize.int8_matmul). Otherwise Inductor inlines the elementwise
-    work producing x (a LayerNorm's normalisation, a GELU) into the product's inner loop and
-    redoes it for every output row: GPT-2 124M's compiled int8 step took 10-11 ms with that,
-    6.6-8.4 ms without (A/B, fresh processes)."""
-    return torch.ops.prims.inductor_force_stride_order.default(x, x.stride())
-
-
-class PackedMLP(torch.nn.Module):
-    """model.MLP for inference: c_fc with the GELU fused into it, then c_proj (no dropout)."""
-
-    def __init__(self, mlp: torch.nn.Module, pack: bool = True):
-        super().__init__()
-        self.c_fc = PackedLinear(mlp.c_fc.weight, mlp.c_fc.bias, gelu=True, pack=pack)
-        self.c_proj = PackedLinear(mlp.c_proj.weight, mlp.c_proj.bias, pack=pack)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.c_fc(x))
-
-
-# --- training: precision and memory trade-offs, applied from outside the model ---------------
+# --- training precision ---------------------------------------------------------------------
 
 def precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether to scale the loss). Weights and AdamW stay float32:
@@ -179,27 +87,3 @@ def precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def checkpoint_blocks(model: GPT) -> None:
-    """Gradient checkpointing from outside the model: each block's forward (an instance
-    attribute shadowing Block.forward, so parameter names do not change) keeps only its input
-    and recomputes the rest in the backward pass, with the same dropout masks."""
-    for block in model.transformer.h:
-        block.forward = functools.partial(_checkpointed, block.forward)
-
-
-def _checkpointed(forward, *args):
-    if not torch.is_grad_enabled():  # evaluation and sampling run the block as it is
-        return forward(*args)
-    return checkpoint(forward, *args, use_reentrant=False)
-
-
-def set_dropout(model: GPT, p: float) -> None:
-    """Set the model's dropout (embeddings, attention, residual), leaving LoRA's own alone."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
-            module.p = p
-        elif isinstance(module, CausalSelfAttention):
-            module.dropout = p
-    model.config = replace(model.config, dropout=p)

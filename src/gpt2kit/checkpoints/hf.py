@@ -22,8 +22,16 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, OptionError
 from ..model import GPT
-from .weights import (TORCH_SUFFIXES, save_safetensors, describe_dtypes, find_weights, iter_tensors, read_json,
-                      read_shapes, weight_files)
+from .weights import (
+    TORCH_SUFFIXES,
+    describe_dtypes,
+    find_weights,
+    iter_tensors,
+    read_json,
+    read_shapes,
+    save_safetensors,
+    weight_files,
+)
 
 # Hugging Face's Conv1D keeps these weights as (in, out): transposed on import and on export.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

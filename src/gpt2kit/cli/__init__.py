@@ -12,8 +12,8 @@ import sys
 
 from ..errors import Gpt2kitError, OptionError
 from .flags import Parser, flag_of
-from .messages import show_library_messages
 from .generate import GENERATE_EXAMPLES, configure_generate, run_generate
+from .messages import show_library_messages
 from .models import CONVERT_EXAMPLES, configure_convert, configure_info, run_convert, run_info
 from .serve import SERVE_EXAMPLES, configure_serve, run_serve
 from .texts import EMBED_EXAMPLES, SCORE_EXAMPLES, configure_embed, configure_score, run_embed, run_score

@@ -12,7 +12,6 @@ from ..errors import OptionError
 from .files import read_lines, write_output
 from .flags import add_dataclass_flags, add_model_flags, generation_config, load_options
 
-
 SEPARATOR = "=" * 20
 GENERATE_EXAMPLES = """examples:
   gpt2kit generate "Hello, I'm a language model," -n 5 --max-length 30 --seed 42
@@ -64,7 +63,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def stream_to_stdout(model, prompts: list[str], cfg: GenerationConfig) -> int:
     from dataclasses import replace
-    from ..generate import generate_events
+
+    from ..inference.generate import generate_events
     for i, prompt in enumerate(prompts):
         ids = model.tokenizer.encode(prompt)
         for j in range(cfg.n):

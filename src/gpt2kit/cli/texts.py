@@ -12,7 +12,6 @@ from ..errors import InputFileError, OptionError
 from .files import read_lines, write_output
 from .flags import add_model_flags, load_options
 
-
 SCORE_EXAMPLES = """output: one JSON line per text (to --output, else standard output):
   {"text", "tokens": [token strings], "logprobs": [log p of each token, the first conditioned
   on <|endoftext|>], "nll": mean negative log-likelihood (nats per token), "ppl": exp(nll)}
@@ -69,7 +68,7 @@ def run_score(args: argparse.Namespace) -> int:
         sys.stdout.write(body)
         return 0
     write_output(args.output, lambda tmp: tmp.write_text(body, encoding="utf-8"))
-    from ..evaluate import perplexity
+    from ..inference.scoring import perplexity
     n_tokens = sum(s.n_tokens for s in scores)
     print(f"wrote {len(scores)} scores to {args.output} ({n_tokens:,} tokens, perplexity "
           f"{perplexity(-sum(s.total for s in scores) / n_tokens):.2f} over all)", file=sys.stderr)

@@ -10,7 +10,6 @@ from ..config import DataConfig, LoraConfig
 from ..errors import OptionError
 from .flags import add_dataclass_flags, add_model_flags, load_options, options_for
 
-
 FINETUNE_EXAMPLES = """examples:
   gpt2kit finetune onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
   gpt2kit finetune data.txt --out runs/x --resume          # continue after a crash or Ctrl-C
@@ -21,7 +20,7 @@ FINETUNE_EXAMPLES = """examples:
 
 
 def configure_finetune(p: argparse.ArgumentParser) -> None:
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
     p.add_argument("data", nargs="?", default=None,
                    help="training text: .txt, .csv/.tsv (with --column), .jsonl (with --field) or a "
                    "folder of .txt files (optional with --resume: the run's data is reused)")
@@ -33,8 +32,8 @@ def configure_finetune(p: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..train import finetune
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
+    from ..training.loop import finetune
     data_options = options_for(DataConfig, args)
     data = DataConfig(path=args.data, **data_options) if args.data else None
     if data_options and data is None:

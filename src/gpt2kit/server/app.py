@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..api import Model
-from ..generate import Completion
+from ..inference.generate import Completion
 from . import completions, errors
 from .completions import Plan
 from .errors import APIError

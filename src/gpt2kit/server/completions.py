@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..api import Model
 from ..config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ..errors import Gpt2kitError
-from ..generate import Completion, Row, TokenLogprob, make_rows, token_logprob
+from ..inference.generate import Completion, Row, TokenLogprob, make_rows, token_logprob
 from .errors import APIError, from_gpt2kit
 from .schemas import Choice, CompletionRequest, Logprobs, Usage
 from .schemas import Completion as CompletionBody

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Event, Row, feed_tokens, take_tokens
-from ..running_batch import RunningBatch
+from ..inference.generate import Event, Row, feed_tokens, take_tokens
+from ..inference.running_batch import RunningBatch
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")

@@ -10,12 +10,12 @@ attention with a mask (row r sees slots pad[r]..start; its position is start - p
 multiple of ATTEND_STEP, a length Dynamo compiles symbolically (one graph for every length); on
 CUDA all `max_len`, one static shape for the CUDA graphs. It calls the model's own submodules
 (`ln_1`, `attn.c_attn`, `attn.c_proj`, `mlp`, `ln_f`, `lm_head`), so modules swapped in for
-inference (runtime.prepare_for_inference, LoRA) run here too, as long as they are called as
+inference (packed_linear.prepare_for_inference, LoRA) run here too, as long as they are called as
 `module(x)`.
 
 Use: `compiled_decode.enable(model)` once, after any module swaps: the compiled step takes the
 model's module tree and the shapes of its weights as fixed (it does not re-check them before
-each call), and the weights of runtime.PackedLinear modules are frozen into the graph at the
+each call), and the weights of packed_linear.PackedLinear modules are frozen into the graph at the
 first step; after a change, call enable(model) again. Every `RunningBatch` over that model then
 decodes with the compiled step (prefill stays eager); `RunningBatch(..., compiled=False)` opts
 one batch out. torch.compile runs on the first step of each (rows, max_len) shape; both are
@@ -23,8 +23,8 @@ rounded up to powers of two so a long-lived process meets only a few. On CUDA th
 under mode="reduce-overhead" (CUDA graphs); on CPU the default mode.
 
 On CPU float32, `gpt2kit.load(compile=True)` keeps the matrices unpacked
-(runtime.prepare_for_inference(pack=False)): at batch 1 each product is then a kernel Inductor
-generates (runtime.PackedLinear.forward) and attention over the one query two fused reductions
+(packed_linear.prepare_for_inference(pack=False)): at batch 1 each product is then a kernel Inductor
+generates (packed_linear.PackedLinear.forward) and attention over the one query two fused reductions
 (`_one_query_attention`); measured (GPT-2 124M) 1.3-1.5x the eager step and ahead of CTranslate2
 (benchmarks/RESULTS.md). At larger batches it reads the unpacked matrices through oneDNN.
 """
@@ -38,11 +38,11 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..errors import DeviceError
+from ..inference.kv_cache import KVCache
+from ..model import GPT
 from .compile_log import compiling
-from .errors import DeviceError
-from .kv_cache import KVCache
-from .model import GPT
-from .runtime import PackedLinear
+from .packed_linear import PackedLinear
 
 ATTRIBUTE = "compiled_decode"  # where enable() leaves the step on the model
 RECOMPILE_LIMIT = 64  # compilations of the step per model: cache shapes x dtypes
@@ -65,7 +65,7 @@ class CompiledDecode:
     def __init__(self, model: GPT):
         self.model = model
         self.cuda = next(model.parameters()).device.type == "cuda"
-        # runtime.PackedLinear's oneDNN op compiles only with its weight frozen into the graph as
+        # packed_linear.PackedLinear's oneDNN op compiles only with its weight frozen into the graph as
         # a constant. Freezing nothing else: Inductor would keep a repacked copy of every plain
         # nn.Linear weight per compilation (measured: +250 MB per shape for GPT-2 124M bfloat16).
         self.freeze = any(isinstance(m, PackedLinear) for m in model.modules())

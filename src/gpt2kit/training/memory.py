@@ -10,7 +10,7 @@ The estimate counts what a training step holds at its peak (the end of the forwa
   attention probabilities (nh x T per token per block) only with dropout, which sends
   scaled_dot_product_attention to its math path (without dropout the fused kernels keep none);
   for the loss, four float32 copies of the (T, V) logits (the logits, log-softmax, and their
-  gradients), or with the fused head + loss of float32 training (train.HeadCrossEntropy) one
+  gradients), or with the fused head + loss of float32 training (kernels/fused_loss.py) one
   chunk of logits rows plus the head's gradients, which it makes in the forward pass.
   With gradient checkpointing only each block's input is kept, plus one block being recomputed.
   Float32 training on CPU keeps less (lean_backward, the default there): no GELU output (4
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import Gpt2kitError
+from ..config import ModelConfig
+from ..errors import Gpt2kitError
 
 GB = 1024**3
 ACTIVATIONS_PER_BLOCK = 20  # C-wide tensors saved per token per block (see the module doc)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import _integer
-from .errors import OptionError, TokenizerError
-from .model import GPT
+from ..config import _integer
+from ..errors import OptionError, TokenizerError
+from ..model import GPT
 
 if TYPE_CHECKING:
-    from .blocks import TokenBlocks
+    from ..data.blocks import TokenBlocks
 
 # Scored positions whose logits exist at once: (1024, V) float32 is 206 MB at GPT-2's vocabulary.
 HEAD_ROWS = 1024

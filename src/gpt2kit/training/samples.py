@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import GenerationConfig
-from .generate import generate_events
-from .model import GPT
+from ..config import GenerationConfig
+from ..inference.generate import generate_events
+from ..model import GPT
+from ..tokenizer import Tokenizer
 from .runs import SAMPLES, Run
-from .tokenizer import Tokenizer
 
 COPY_SPAN = 16
 INDEX_LIMIT = 10_000_000

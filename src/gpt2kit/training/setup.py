@@ -1,4 +1,4 @@
-"""Steps 1-4 of the fine-tuning recipe (train.py): settle the options, load the model, prepare
+"""Steps 1-4 of the fine-tuning recipe (loop.py): settle the options, load the model, prepare
 the data, then summary, memory check, optimizer and the resumed state.
 
 Resuming: run.json supplies every setting; the caller may change only the fields
@@ -18,22 +18,22 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ..checkpoints import load_model
+from ..checkpoints.hf import read_config
+from ..config import PRESETS, ModelConfig
+from ..data.prepare import DataConfig, PreparedData, _tokenizer_identity, prepare_data
+from ..data.readers import _existing, _pieces  # ask data.py for a public check_input(cfg)
+from ..errors import CheckpointError, Gpt2kitError, InputFileError, OptionError
+from ..kernels.checkpointing import checkpoint_blocks
+from ..kernels.lean_backward import save_less_for_backward
+from ..lora import LoraConfig, ParameterCount, apply_lora, count_parameters, load_adapter
+from ..model import GPT, CausalSelfAttention
+from ..tokenizer import Tokenizer
 from . import distributed
-from .checkpoints import load_model
-from .checkpoints.hf import read_config
-from .config import PRESETS, ModelConfig
-from .data import DataConfig, PreparedData, _tokenizer_identity, prepare_data
-from .errors import CheckpointError, Gpt2kitError, InputFileError, OptionError
-from .lora import LoraConfig, ParameterCount, apply_lora, count_parameters, load_adapter
+from .config import RESUME_SAFE, TrainConfig
 from .memory import MemoryEstimate, available_memory, check_fits, estimate, gb
-from .model import GPT
-from .readers import _existing, _pieces  # ask data.py for a public check_input(cfg)
-from .schedule import get_lr
 from .runs import OPTIMIZER, RNG, STATE, Run, RunFolderError, load_tensors, read_state_json, restore_rng
-from .lean_backward import save_less_for_backward
-from .runtime import checkpoint_blocks, set_dropout
-from .tokenizer import Tokenizer
-from .train_config import RESUME_SAFE, TrainConfig
+from .schedule import get_lr
 
 
 class ResumeMismatch(Gpt2kitError):
@@ -82,7 +82,7 @@ class Job:
     last_checkpoint: Path | None = None
     train_loss: float | None = None
     val_losses: list = field(default_factory=list)
-    copies: object = None  # memorization.CopyDetector when sampling
+    copies: object = None  # samples.CopyDetector when sampling
     gathered: tuple[int, GPT | None] | None = None  # FSDP: (step, rank 0's whole copy of the weights)
     orders: dict = field(default_factory=dict)  # epoch -> its block order (the current one only)
     bar: tqdm | None = None
@@ -124,7 +124,7 @@ def settle(data, model: str | None, config: TrainConfig | None, lora: LoraConfig
 
 def check_data(data: DataConfig) -> None:
     """Fail fast, before any model is loaded, on a missing file, a wrong --column or --field, or
-    no text at all, so a mistake costs seconds, not a model download: reading the first piece of text runs data.py's own checks."""
+    no text at all, so a mistake costs seconds, not a model download: reading the first piece of text runs the readers' own checks."""
     for path, what in ((data.path, "training"), (data.val_file, "validation")):
         if path is not None and next(_pieces(data, _existing(path)), None) is None:
             raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
@@ -221,7 +221,7 @@ def load_for_training(plan: Plan, device: torch.device) -> tuple[GPT, Tokenizer]
         set_dropout(model, cfg.dropout)
     if cfg.grad_checkpointing:
         checkpoint_blocks(model)
-    save_less_for_backward(model)  # same bits, ~0.4 GB less at GPT-2 124M's peak (lean_backward.py)
+    save_less_for_backward(model)  # same bits, ~0.4 GB less at GPT-2 124M's peak (kernels/lean_backward.py)
     return model.train(), tokenizer
 
 
@@ -382,3 +382,13 @@ def summary_lines(record: dict) -> list[str]:
 def progress_bar(job: Job, enabled: bool) -> tqdm:
     return tqdm(total=job.total_steps, initial=job.step, unit="step", file=sys.stderr,
                 dynamic_ncols=True, disable=not enabled)
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Set the model's dropout (embeddings, attention, residual), leaving LoRA's own alone."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = p
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = p
+    model.config = replace(model.config, dropout=p)

@@ -2,20 +2,20 @@
 
 Kept free of torch (like config.py, where it may move) so the CLI can build `--flag`s from these
 fields and print `--help` at once. Defaults that depend on the run (the learning rate, warm-up,
-block size, dropout) are None here and resolved by train.py, which says what it chose.
+block size, dropout) are None here and resolved by training/setup.py, which says what it chose.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .config import PRESETS, _finite, _integer
-from .errors import OptionError
+from ..config import PRESETS, _finite, _integer
+from ..errors import OptionError
 
 SCHEDULES = ("cosine", "linear")
 LEARNING_RATES = {"fine-tune": 1e-4, "lora": 2e-4, "from-scratch": 6e-4}
 # Fields `--resume` may change: they alter when things happen, not what the model learns
-# (epochs and max_steps move the end of the schedule, said and recorded: train_setup.keep_schedule).
+# (epochs and max_steps move the end of the schedule, said and recorded: setup.keep_schedule).
 # (fsdp is one: sharded and replicated training compute the same steps, and checkpoints hold the
 # same whole-model files either way.)
 RESUME_SAFE = ("epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "log_every",

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..config import DataConfig
+from ..errors import InputFileError, OptionError
 from .blocks import TokenBlocks
-from .config import DataConfig
-from .errors import InputFileError, OptionError
 from .readers import _check_options, _existing, _folder_files, _kind, _open, _pieces
 
 CACHE_VERSION = 1  # bump when the token files or manifest change meaning

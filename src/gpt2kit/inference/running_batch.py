@@ -22,9 +22,9 @@ from typing import Generic, Sequence, TypeVar
 
 import torch
 
-from . import compiled_decode
+from ..kernels import compiled_decode
+from ..model import GPT
 from .kv_cache import KVCache
-from .model import GPT
 
 R = TypeVar("R")
 

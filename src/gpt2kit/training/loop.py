@@ -3,11 +3,11 @@
     finetune(data, model, config)
       1. options: the given ones, or on --resume the run's run.json with safe changes only
       2. model: load it (or build one --from-scratch), then LoRA, dropout and the fast paths
-      3. data: packed token blocks and a validation split (data.py)
+      3. data: packed token blocks and a validation split (data/prepare.py)
       4. summary and memory check, AdamW, and on --resume the checkpoint's exact state
       5. loop: learning rate, micro-steps, clip, step, log; evaluate, sample and save when due
 
-Steps 1-4 are in train_setup.py, the run folder in runs.py. Every optimizer step sees
+Steps 1-4 are in setup.py, the run folder in runs.py. Every optimizer step sees
 batch_size x grad_accum blocks, in an order that is a pure function of (seed, step), and all
 randomness is checkpointed, so a resumed run continues bit for bit as the uninterrupted run would
 have. Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint.
@@ -28,26 +28,37 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..checkpoints import save_hf
+from ..data.prepare import DataConfig
+from ..errors import Gpt2kitError, Stopped
+from ..inference.scoring import evaluate_blocks
+from ..kernels.compile_log import FIRST_RUN
+from ..kernels.fused_loss import LOSS_CHUNK, HeadCrossEntropy
+from ..lora import LoraConfig, merge_lora, save_adapter
+from ..model import GPT
+from ..runtime import autocast, precision, resolve_device
 from . import distributed
-from .checkpoints import save_hf
-from .compile_log import FIRST_RUN
-from .data import DataConfig
-from .errors import Gpt2kitError, Stopped
-from .evaluate import evaluate_blocks
-from .lora import LoraConfig, merge_lora, save_adapter
-from .memorization import CopyDetector, write_samples
-from .model import GPT
+from .config import TrainConfig
 from .runs import METRICS, Run, capture_rng
+from .samples import CopyDetector, write_samples
 from .schedule import MIN_LR_RATIO, get_lr
-from .train_config import TrainConfig
-from .runtime import autocast, precision, resolve_device
-from .train_setup import (Job, ResumeMismatch, check_memory, load_for_training,
-                          make_optimizer, plan_steps, prepare,
-                          progress_bar, restore, run_settings, settle, summary_lines)
+from .setup import (
+    Job,
+    ResumeMismatch,
+    check_memory,
+    load_for_training,
+    make_optimizer,
+    plan_steps,
+    prepare,
+    progress_bar,
+    restore,
+    run_settings,
+    settle,
+    summary_lines,
+)
 
 __all__ = ["finetune", "get_lr", "RunResult", "TrainConfig", "TrainingInterrupted", "TrainingDiverged",
            "ResumeMismatch"]
-LOSS_CHUNK = 512  # rows of logits at a time in HeadCrossEntropy: 103 MB at GPT-2's vocabulary
 
 
 class TrainingInterrupted(Stopped):
@@ -218,7 +229,7 @@ def optimizer_step(job: Job) -> tuple[float, float]:
 
 
 def compute_loss(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1], in float32 (as evaluate.py).
+    """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1], in float32 (as inference/scoring.py).
     `net` runs the forward (the model, or its DDP, FSDP or compiled form), `head` is its LM head.
     In float32 the head and the loss run fused (HeadCrossEntropy); under autocast, plainly."""
     targets = x[:, 1:].flatten()
@@ -226,49 +237,6 @@ def compute_loss(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor) -
         return F.cross_entropy(net(x[:, :-1]).float().flatten(0, 1), targets)
     h = net(x[:, :-1], head=False)  # (B, T-1, C); after forward, so FSDP has gathered the head
     return HeadCrossEntropy.apply(h.flatten(0, 1), head.weight, targets)
-
-
-class HeadCrossEntropy(torch.autograd.Function):
-    """mean(cross_entropy(h @ w.T, targets)) for h (N, C), w (V, C), targets (N,), with both
-    gradients computed in the forward pass, LOSS_CHUNK rows at a time, so the (N, V) logits never
-    exist whole: at GPT-2's vocabulary they are 206 MB per 1024 tokens, and the plain path keeps
-    four such tensors (logits, log-softmax and their gradients) at its peak. Same GEMMs as the
-    plain path, fewer passes over the logits, none allocated twice: about 20% faster than
-    cross_entropy over the whole logits, forward and backward, for 4 x 256 tokens of GPT-2 124M
-    on 2 CPU cores (0.5 s of a 8 s step)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = h.shape[0]
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # frozen under LoRA
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, n, LOSS_CHUNK):
-            rows, yc = slice(start, start + LOSS_CHUNK), targets[start:start + LOSS_CHUNK, None]
-            z = h[rows] @ w.t()  # (r, V) logits
-            top, target = z.amax(1, keepdim=True), z.gather(1, yc)
-            e = z.sub_(top).exp_()  # in place: unnormalised softmax
-            s = e.sum(1, keepdim=True)  # (r, 1)
-            total += (s.log() + top - target).sum()  # logsumexp - target logit
-            # d(mean loss)/d(logits) = (e / s - one_hot) / n = diag(1 / (s n)) (e - s one_hot): the
-            # row scale is applied to the (r, C) GEMM operands and results, not to the (r, V) e.
-            e.scatter_add_(1, yc, -s)
-            scale = 1.0 / (s * n)
-            if grad_h is not None:
-                torch.mm(e, w, out=grad_h[rows]).mul_(scale)
-            if grad_w is not None:
-                grad_w.addmm_(e.t(), h[rows] * scale)
-            del z, e  # before the next chunk's logits are made, not after
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / n
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        # Scaled in place, not copied (the head's is 154 MB for GPT-2): training never retains
-        # the graph, so this backward runs once.
-        grad_h, grad_w = ctx.saved_tensors
-        return tuple(None if g is None else g.mul_(grad) for g in (grad_h, grad_w)) + (None,)
 
 
 def micro_batch(job: Job, micro: int) -> torch.Tensor:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError, OptionError
-from .model import GPT
+from ..errors import CheckpointError, OptionError
+from ..model import GPT
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from typing import Iterator
 
 import torch
 
+from ..config import GenerationConfig
+from ..errors import PromptTooLong
+from ..model import GPT
+from ..runtime import make_generator
+from ..tokenizer import StreamDecoder, Tokenizer
 from . import sampling
-from .config import GenerationConfig
-from .errors import PromptTooLong
-from .model import GPT
 from .running_batch import RunningBatch
-from .runtime import make_generator
-from .tokenizer import StreamDecoder, Tokenizer
 
 # When generation runs past the context window, keep this fraction of it and re-prefill.
 SLIDE_KEEP = 0.75

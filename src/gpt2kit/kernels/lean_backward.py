@@ -1,7 +1,7 @@
 """Training with fewer activations kept for the backward pass and the same numerics: the MLP,
 attention-with-dropout and dropout forwards swapped from outside the model (as
-runtime.checkpoint_blocks does) for ones that save less and rebuild the rest in the backward.
-The default of float32 training on CPU (train_setup.load_for_training), issue 5's training
+kernels/checkpointing.py does) for ones that save less and rebuild the rest in the backward.
+The default of float32 training on CPU (training/setup.py, load_for_training), issue 5's training
 peak-memory target.
 """
 
@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .model import GPT, CausalSelfAttention
+from ..model import GPT, CausalSelfAttention
 
 
 def save_less_for_backward(model: GPT) -> None:

@@ -19,10 +19,10 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig, _integer
-from .errors import OptionError, TokenizerError
-from .evaluate import eval_mode
-from .model import GPT
+from ..config import ModelConfig, _integer
+from ..errors import OptionError, TokenizerError
+from ..model import GPT
+from .scoring import eval_mode
 
 POOLS = ("mean", "last")
 

@@ -1,8 +1,8 @@
 """Reading documents out of the input formats: plain text, CSV/TSV, JSON lines, a folder of .txt files.
 
-It is kept apart from `data.py` (tokenizing, splitting, caching) because reading is where user files
+It is kept apart from `prepare.py` (tokenizing, splitting, caching) because reading is where user files
 enter: format detection by extension, decoding with errors that name the byte and line, and the
-cutting of long texts into pieces. `data.py` imports from here, never the other way round.
+cutting of long texts into pieces. `prepare.py` imports from here, never the other way round.
 
 Memory stays bounded, whatever the file's shape: files are read in chunks, and long documents are tokenized in
 pieces cut where GPT-2's pre-tokenizer always starts a new pre-token: before a space between two
@@ -26,12 +26,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputFileError, OptionError
+from ..errors import InputFileError, OptionError
 
-if TYPE_CHECKING:  # annotations only: data.py imports this module, so no import back at run time
+if TYPE_CHECKING:  # annotations only: prepare.py imports this module, so no import back at run time
     from tqdm import tqdm
 
-    from .data import DataConfig
+    from .prepare import DataConfig
 
 
 CHUNK_BYTES = 1 << 18  # read size

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_atomically
-from .checkpoints.hf import _fsync_tree
-from .errors import CheckpointError, Gpt2kitError
+from ..atomic import write_atomically
+from ..checkpoints.hf import _fsync_tree
+from ..errors import CheckpointError, Gpt2kitError
 
 RUN_FILE, METRICS, SAMPLES, PLOT = "run.json", "metrics.jsonl", "samples.jsonl", "loss.png"
 STATE, OPTIMIZER, RNG, COMPLETE = "trainer_state.json", "optimizer.pt", "rng.pt", "COMPLETE"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
 
 NEG_INF = float("-inf")
 

@@ -1,0 +1,5 @@
+"""Fine-tuning (or training from scratch): options (config.py, torch-free for the CLI's --help),
+the recipe and its loop (loop.py: finetune), setup steps (setup.py), the run folder (runs.py),
+the learning-rate schedule, processes (distributed.py), the memory estimate and samples.
+
+Nothing is imported here, so that `gpt2kit.training.config` stays light."""
