@@ -6,7 +6,7 @@
 One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
 same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
 transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
-train.compute_loss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
+training.objective.NextTokenLoss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
 up by default (lean_backward.save_less_for_backward); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
@@ -64,12 +64,12 @@ def build(engine: str, folder: str, device):
     from gpt2kit.checkpoints import load_model
     from gpt2kit.kernels.lean_backward import save_less_for_backward
     from gpt2kit.lora import LoraConfig, apply_lora
-    from gpt2kit.training.loop import compute_loss
+    from gpt2kit.training.objective import NextTokenLoss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
     save_less_for_backward(model)  # as train_setup.load_for_training does for every run
-    return model.train(), lambda x: compute_loss(model, model.lm_head, x)
+    return model.train(), lambda x: NextTokenLoss(model)(x)
 
 
 def worker(args) -> dict:

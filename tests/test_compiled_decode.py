@@ -10,8 +10,8 @@ import torch
 import gpt2kit
 from gpt2kit.config import GenerationConfig
 from gpt2kit.inference.generate import generate_events, make_rows, step
-from gpt2kit.inference.running_batch import RunningBatch
-from gpt2kit.kernels import compiled_decode
+from gpt2kit.inference.running_batch import EagerDecoder, RunningBatch
+from gpt2kit.kernels.compiled_decode import CompiledDecoder, OneQueryAttention
 from gpt2kit.kernels.packed_linear import PackedLinear
 
 GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
@@ -21,13 +21,14 @@ GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)
 def compiled_model(tiny_folder):
     """The tiny model (float32, CPU inference layout: oneDNN packed linears) with the compiled step."""
     model = gpt2kit.load(tiny_folder, device="cpu")
-    compiled_decode.enable(model.module)
+    model.decoder = CompiledDecoder(model.module)
     return model
 
 
 def tokens(model, prompts: list[str], cfg=GREEDY) -> list[list[int]]:
     ids = [model.tokenizer.encode(p) for p in prompts]
-    done = [e.completion for e in generate_events(model.module, model.tokenizer, ids, cfg) if e.completion]
+    done = [e.completion for e in generate_events(model.module, model.tokenizer, ids, cfg, decoder=model.decoder)
+            if e.completion]
     return [c.token_ids for c in sorted(done, key=lambda c: c.prompt_index)]
 
 
@@ -36,9 +37,9 @@ def assert_decodes_like(fast_model, plain_model, contexts: list[list[int]], step
     """fast_model's compiled step and plain_model's eager one, fed the same tokens (plain's
     argmax) after the same contexts, give the same next-token logits at every step."""
     with torch.inference_mode():
-        fast = RunningBatch(fast_model.module, len(contexts), max_len=max_len)
-        plain = RunningBatch(plain_model.module, len(contexts), max_len=max_len, compiled=False)
-        assert fast.compiled is not None
+        fast = RunningBatch(fast_model.module, len(contexts), max_len=max_len, decoder=fast_model.decoder)
+        plain = RunningBatch(plain_model.module, len(contexts), max_len=max_len)
+        assert isinstance(fast.decoder, CompiledDecoder)
         for batch in (fast, plain):
             batch.join(list(range(len(contexts))), contexts)
         for _ in range(steps):
@@ -46,23 +47,25 @@ def assert_decodes_like(fast_model, plain_model, contexts: list[list[int]], step
             fast.decode(feed)
             plain.decode(feed)
             assert fast.logits.shape == plain.logits.shape == (len(contexts), plain_model.config.vocab_size)
-            assert fast.logits.dtype == torch.float32 and fast.cache.k[0].dtype == plain.cache.k[0].dtype
+            assert fast.logits.dtype == torch.float32 and fast.cache.k.dtype == plain.cache.k.dtype
             torch.testing.assert_close(fast.logits, plain.logits, atol=atol, rtol=0)
 
 
-def test_cache_shapes_round_up_to_powers_of_two_within_the_window(tiny_model):
-    step_ = compiled_decode.CompiledDecode(tiny_model.module)  # nothing compiles before a call
+def test_cache_shapes_round_up_to_powers_of_two_within_the_window(tiny_folder):
+    step_ = CompiledDecoder(gpt2kit.load(tiny_folder, device="cpu").module)  # nothing compiles before a call
     assert step_.cache_shape(1, 33) == (1, 64)
     assert step_.cache_shape(3, None) == (4, 64)
     assert step_.cache_shape(5, 7) == (8, 8)
     assert step_.cache_shape(8, 200) == (8, 64)
 
 
-def test_a_batch_uses_the_step_enable_attached(compiled_model, tiny_model):
-    step_ = RunningBatch(compiled_model.module, 3).compiled
-    assert step_ is compiled_decode.attached(compiled_model.module) and step_.freeze  # oneDNN packed
-    assert RunningBatch(compiled_model.module, 3, compiled=False).compiled is None
-    assert RunningBatch(tiny_model.module, 3).compiled is None
+def test_the_compiled_path_shows_in_the_model_and_the_decoder(compiled_model, tiny_model):
+    assert compiled_model.decoder.freeze  # oneDNN packed linears: frozen into the graph
+    assert isinstance(RunningBatch(compiled_model.module, 3, decoder=compiled_model.decoder).decoder, CompiledDecoder)
+    assert isinstance(RunningBatch(tiny_model.module, 3).decoder, EagerDecoder)
+    assert isinstance(tiny_model.decoder, EagerDecoder)
+    assert all(isinstance(b.attn.core, OneQueryAttention) for b in compiled_model.module.transformer.h)
+    assert "OneQueryAttention" in repr(compiled_model.module)
 
 
 @pytest.mark.slow
@@ -91,7 +94,7 @@ def run(model, prompts, cfgs, schedule: dict[int, list[int]], compiled: bool) ->
     rows = [make_rows(model.tokenizer, [p], cfg, model.config.n_positions, model.device, first_index=k)[0]
             for k, (p, cfg) in enumerate(zip(prompts, cfgs))]
     with torch.inference_mode():
-        batch = RunningBatch(model.module, 3, compiled=compiled)
+        batch = RunningBatch(model.module, 3, decoder=model.decoder if compiled else None)
         s = 0
         while batch.rows or any(k >= s for k in schedule):
             if s in schedule:
@@ -122,8 +125,8 @@ def test_rows_joining_and_leaving_get_the_eager_tokens(compiled_model):
 @pytest.mark.slow
 def test_bfloat16_model_agrees_with_eager_bfloat16(tiny_folder):
     model = gpt2kit.load(tiny_folder, device="cpu", dtype="bfloat16")
-    compiled_decode.enable(model.module)
-    assert not compiled_decode.attached(model.module).freeze  # plain nn.Linear: no frozen copies
+    model.decoder = CompiledDecoder(model.module)
+    assert not model.decoder.freeze  # plain nn.Linear: no frozen copies
     enc = model.tokenizer.encode
     # Logits here are ~0.5, where one bfloat16 step is 0.004: the two paths round differently
     # along the way (measured: at most 0.004 apart).
@@ -131,9 +134,9 @@ def test_bfloat16_model_agrees_with_eager_bfloat16(tiny_folder):
                         max_len=32)
 
 
-def test_load_with_compile_attaches_the_step_over_plain_matrices(tiny_folder):
+def test_load_with_compile_decodes_compiled_over_plain_matrices(tiny_folder):
     model = gpt2kit.load(tiny_folder, device="cpu", compile=True)  # nothing compiles until a decode
-    assert isinstance(compiled_decode.attached(model.module), compiled_decode.CompiledDecode)
+    assert isinstance(model.decoder, CompiledDecoder)
     linears = [m for m in model.module.modules() if isinstance(m, PackedLinear)]
     assert linears and not any(m.packed for m in linears)  # one-row products: Inductor's kernels
 
@@ -163,19 +166,19 @@ def test_each_model_runs_its_own_compiled_graphs(tiny_folder):
     assert_decodes_like(second, second, contexts, steps=3, atol=1e-4, max_len=32)
 
 
-def test_weights_moved_after_enable_are_one_clear_error(tiny_folder):
+def test_weights_moved_after_the_decoder_was_made_are_one_clear_error(tiny_folder):
     model = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
     model.module.to(torch.bfloat16)  # nothing compiled yet; the step would read the old dtype
     contexts = [model.tokenizer.encode("Hello")]
-    with torch.inference_mode(), pytest.raises(gpt2kit.Gpt2kitError, match=r"call enable\(model\) again"):
-        batch = RunningBatch(model.module, 1, max_len=32)
+    with torch.inference_mode(), pytest.raises(gpt2kit.Gpt2kitError, match=r"make a new CompiledDecoder"):
+        batch = RunningBatch(model.module, 1, max_len=32, decoder=model.decoder)
         batch.join(["a"], contexts)
         batch.decode([5])
 
 
 @pytest.mark.slow
 def test_int8_model_compiled_equals_int8_eager(tiny_folder):
-    """The int8 kernels traced into the compiled step (quantize.int8_matmul under compilation)."""
+    """The int8 kernels traced into the compiled step (int8.int8_matmul under compilation)."""
     eager = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
     compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
     prompts = ["Hello there, how are", "Hi"]
@@ -185,7 +188,7 @@ def test_int8_model_compiled_equals_int8_eager(tiny_folder):
 def test_a_failing_compiler_is_one_clear_error(tiny_folder, monkeypatch):
     """No C++ compiler (or Triton): a one-line error naming the fix, not an Inductor traceback."""
     model = gpt2kit.load(tiny_folder, device="cpu", compile=True)
-    step_ = compiled_decode.attached(model.module)
+    step_ = model.decoder
 
     def broken(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("g++: not found"), None)

@@ -292,7 +292,7 @@ def test_long_document_pieces_give_the_same_tokens(tmp_path, tok, monkeypatch, j
     path = write(tmp_path / "long.txt", text)
     monkeypatch.setattr(readers, "PIECE_CHARS", 50)
     monkeypatch.setattr(readers, "CHUNK_BYTES", 97)
-    pieces = list(readers._pieces(DataConfig(str(path)), path))
+    pieces = list(readers.pieces(DataConfig(str(path)), path))
     assert len(pieces) > 100 and "".join(p for p, _ in pieces) == text
     assert [ends for _, ends in pieces].count(True) == 1
     d = prep(tmp_path, tok, path=str(path))
@@ -356,7 +356,7 @@ def test_large_single_line_file_in_bounded_memory(tmp_path, tok):
     path = write(tmp_path / "big.txt", line)
     del line
     stub = Spy(tok, fast=True)
-    data._tokenizer_identity(stub)
+    data.tokenizer_identity(stub)
     tracemalloc.start()
     try:
         d = prep(tmp_path, stub, block_size=1024, path=str(path))

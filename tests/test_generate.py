@@ -160,9 +160,21 @@ def test_stream_concatenation_equals_generate_and_utf8_is_never_split(tiny_model
         assert not any("\ufffd" in p for p in pieces)
 
 
-def test_stream_refuses_several_samples(tiny_model):
-    with pytest.raises(gpt2kit.OptionError):
-        list(tiny_model.stream("x", n=2))
+def test_stream_serves_several_prompts_and_samples(tiny_model):
+    """Pieces of many (prompt, sample) rows, interleaved, each tagged: joined per row they are
+    generate()'s texts for the same seed; and each sample alone (GenerationConfig.sample) too."""
+    prompts, cfg = ["Hello", "Once upon a time"], GenerationConfig(n=3, seed=7, max_new_tokens=12)
+    texts: dict[tuple[int, int], str] = {}
+    finished = []
+    for piece in tiny_model.stream(prompts, cfg):
+        key = (piece.prompt_index, piece.sample_index)
+        texts[key] = texts.get(key, "") + piece
+        if piece.finish_reason is not None:
+            finished.append(key)
+    assert sorted(finished) == sorted(texts) == [(i, j) for i in range(2) for j in range(3)]
+    assert [texts[i, j] for i in range(2) for j in range(3)] == tiny_model.generate(prompts, cfg)
+    alone = "".join(tiny_model.stream(prompts[1], cfg.sample(2)))
+    assert alone == texts[1, 2]
 
 
 def test_penalties_change_greedy_output(tiny_model):

@@ -7,6 +7,12 @@ from conftest import tiny_hf_model
 
 import gpt2kit
 from gpt2kit.inference.kv_cache import KVCache
+from gpt2kit.model import Positions
+
+
+def ids(*shape, seed=0):
+    return torch.randint(0, 50257, shape, generator=torch.Generator().manual_seed(seed))
+
 
 SHAPES = [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=3, n_head=4, n_embd=64),
           dict(n_layer=1, n_head=1, n_embd=16)]
@@ -22,7 +28,7 @@ def pair(request, tmp_path_factory):
 
 def test_logits_match_transformers(pair):
     hf, ours = pair
-    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    idx = ids(3, 40)
     with torch.no_grad():
         expected = hf(idx).logits
     got = ours.logits(idx)
@@ -33,26 +39,26 @@ def test_logits_match_transformers(pair):
 def test_cached_decode_equals_full_forward(pair):
     _, ours = pair
     model = ours.module
-    idx = torch.randint(0, 50257, (2, 30))
+    idx = ids(2, 30)
     with torch.no_grad():
         full = model(idx)
         cache = KVCache.for_model(model, 2, 30)
-        steps = [model(idx[:, :12], 0, cache)]
-        steps += [model(idx[:, t:t + 1], t, cache) for t in range(12, 30)]
+        steps = [model(idx[:, :12], cache, Positions.at(0, 12))]
+        steps += [model(idx[:, t:t + 1], cache, Positions.at(t, 1)) for t in range(12, 30)]
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
 
 
 def test_left_padded_rows_equal_unpadded(pair):
     _, ours = pair
     model = ours.module
-    a, b = torch.randint(0, 50257, (1, 20)), torch.randint(0, 50257, (1, 13))
+    a, b = ids(1, 20, seed=1), ids(1, 13, seed=2)
     batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
     pad = torch.tensor([0, 7])
     with torch.no_grad():
         cache = KVCache.for_model(model, 2, 25)
-        out = model(batch, 0, cache, pad)
-        nxt = torch.randint(0, 50257, (2, 1))
-        step = model(nxt, 20, cache, pad)
+        out = model(batch, cache, Positions.at(0, 20, pad))
+        nxt = ids(2, 1, seed=3)
+        step = model(nxt, cache, Positions.at(20, 1, pad))
         ref_a = model(torch.cat([a, nxt[:1]], 1))
         ref_b = model(torch.cat([b, nxt[1:]], 1))
     assert (out[0] - ref_a[0, :20]).abs().max() < 1e-5
@@ -75,7 +81,7 @@ def test_logits_rejects_out_of_vocab_ids(pair):
 
 
 def test_inference_layout_equals_plain_model(tiny_folder):
-    """runtime.prepare_for_inference (packed linears, fused GELU, packed head) vs the plain module."""
+    """packed_linear.prepare_for_inference (packed linears, fused GELU, packed head) vs the plain module."""
     from gpt2kit.checkpoints import load_model
     plain = load_model(str(tiny_folder), torch.device("cpu"), torch.float32).model
     fast = gpt2kit.load(tiny_folder, device="cpu").module
@@ -84,13 +90,14 @@ def test_inference_layout_equals_plain_model(tiny_folder):
         assert PackedLinear.available()
         assert isinstance(fast.transformer.h[0].mlp.c_fc, PackedLinear)
         assert isinstance(fast.lm_head, PackedLinear)
-    idx = torch.randint(0, 50257, (2, 24))
+    idx = ids(2, 24)
     with torch.no_grad():
         assert (fast(idx) - plain(idx)).abs().max().item() < 1e-4
         cache_a, cache_b = KVCache.for_model(plain, 2, 30), KVCache.for_model(fast, 2, 30)
-        plain(idx, 0, cache_a), fast(idx, 0, cache_b)
-        step = torch.randint(0, 50257, (2, 1))
-        assert (fast(step, 24, cache_b) - plain(step, 24, cache_a)).abs().max().item() < 1e-4
+        plain(idx, cache_a, Positions.at(0, 24)), fast(idx, cache_b, Positions.at(0, 24))
+        step = ids(2, 1, seed=1)
+        at = Positions.at(24, 1)
+        assert (fast(step, cache_b, at) - plain(step, cache_a, at)).abs().max().item() < 1e-4
 
 
 def test_inference_layout_gives_the_plain_models_greedy_tokens(tiny_folder):

@@ -28,6 +28,7 @@ class Instrumented(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, delay: float):
         super().__init__()
         self.inner, self.config, self.delay = inner, inner.config, delay
+        self.transformer = inner.transformer  # what a KV cache reads the dtype and device from
         self.shapes: list[tuple[int, int]] = []
         self.fail_at: int | None = None
 
@@ -42,6 +43,7 @@ class Instrumented(torch.nn.Module):
 def server_with(tiny_model, delay: float = 0.0, **settings):
     app = create_app(tiny_model, ServerConfig(**settings), "tiny")
     app.state.scheduler.model = model = Instrumented(tiny_model.module, delay)
+    app.state.scheduler.decoder = None  # each step through the instrumented model, eagerly
     return app, model
 
 

@@ -306,14 +306,14 @@ def test_existing_out_is_never_overwritten(finished_run, jokes, tiny_folder, tmp
 # ---- faults ---------------------------------------------------------------------------------
 
 def test_nan_loss_stops_before_touching_the_weights(jokes, tiny_folder, tmp_path, monkeypatch):
-    import gpt2kit.training.loop as train
-    real = train.compute_loss
+    from gpt2kit.training.objective import NextTokenLoss
+    real = NextTokenLoss.forward
     calls = iter(range(10**6))
 
-    def poisoned(net, head, x):
-        loss = real(net, head, x)
+    def poisoned(self, x):
+        loss = real(self, x)
         return loss * float("nan") if next(calls) == 2 else loss  # the third step
-    monkeypatch.setattr(train, "compute_loss", poisoned)
+    monkeypatch.setattr(NextTokenLoss, "forward", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(TrainingDiverged) as e:
         quick(jokes, tiny_folder, out, max_steps=10, save_every=2)
@@ -439,7 +439,7 @@ def test_fused_head_loss_matches_the_plain_path(monkeypatch):
     """HeadCrossEntropy (chunks of rows, gradients made in the forward) against cross_entropy
     over the whole logits: the loss, both gradients scaled by the caller, a frozen head (LoRA)."""
     import gpt2kit.kernels.fused_loss as fused_loss
-    import gpt2kit.training.loop as train
+    from gpt2kit.training.objective import NextTokenLoss
     monkeypatch.setattr(fused_loss, "LOSS_CHUNK", 7)  # 3 chunks, the last one short
     cfg = ModelConfig(vocab_size=96, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     model = GPT(cfg).train()
@@ -447,7 +447,7 @@ def test_fused_head_loss_matches_the_plain_path(monkeypatch):
     grads = []
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
-        loss = train.compute_loss(model, model.lm_head, x) if fused else \
+        loss = NextTokenLoss(model)(x) if fused else \
             torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         (loss / 4).backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -457,7 +457,7 @@ def test_fused_head_loss_matches_the_plain_path(monkeypatch):
         assert torch.allclose(fused[name], plain[name], atol=1e-7), name
     model.zero_grad(set_to_none=True)
     model.transformer.wte.weight.requires_grad_(False)
-    train.compute_loss(model, model.lm_head, x).backward()
+    NextTokenLoss(model)(x).backward()
     assert model.transformer.wte.weight.grad is None and model.transformer.ln_f.weight.grad is not None
 
 

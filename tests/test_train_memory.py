@@ -15,8 +15,8 @@ from gpt2kit.kernels.lean_backward import save_less_for_backward
 from gpt2kit.lora import LoraConfig, apply_lora
 from gpt2kit.model import GPT
 from gpt2kit.training.config import TrainConfig
-from gpt2kit.training.loop import compute_loss
 from gpt2kit.training.memory import estimate
+from gpt2kit.training.objective import NextTokenLoss
 from gpt2kit.training.setup import Plan, load_for_training, make_optimizer
 
 CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.1)
@@ -35,7 +35,7 @@ def saved_for_backward(model: GPT, x: torch.Tensor) -> list[tuple[torch.dtype, i
             saved.append((t.dtype, t.untyped_storage().nbytes() // t.element_size()))
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compute_loss(model, model.lm_head, x)
+        NextTokenLoss(model)(x)
     return saved
 
 
@@ -94,7 +94,7 @@ def test_a_lean_step_is_bitwise_the_plain_step(lora):
         optimizer = make_optimizer(model, TrainConfig(out="-"), torch.device("cpu"))
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.manual_seed(1)
-        loss = compute_loss(model, model.lm_head, x)
+        loss = NextTokenLoss(model)(x)
         loss.backward()
         grads = [p.grad.clone() for p in params]
         torch.nn.utils.clip_grad_norm_(params, 0.1)
@@ -142,6 +142,6 @@ def test_grad_checkpointing_composes_with_the_lean_forwards():
         if grad_checkpointing:
             checkpoint_blocks(model)
         torch.manual_seed(1)
-        compute_loss(model, model.lm_head, x).backward()
+        NextTokenLoss(model)(x).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -15,8 +15,9 @@ from .config import DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
 from .inference import features
 from .inference.generate import Completion, generate_events
-from .inference.scoring import Scores
-from .kernels import compiled_decode
+from .inference.running_batch import Decoder, EagerDecoder
+from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
+from .kernels.compiled_decode import CompiledDecoder
 from .kernels.packed_linear import prepare_for_inference
 from .lora import count_parameters
 from .quantize import check_quantize, quantize_int8
@@ -31,8 +32,8 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU), the dtype of the activations
     (and of the weights unless quantized); `quantize`: None or "int8" (weight-only int8 with a
     scale per output channel, see gpt2kit.quantize); `compile`: decode with one torch.compile'd
-    fixed-shape step (CUDA graphs on CUDA; see gpt2kit.compiled_decode): the first generation of
-    each batch shape compiles for seconds to a minute, later ones run faster."""
+    fixed-shape step (CUDA graphs on CUDA; see gpt2kit.kernels.compiled_decode): the first
+    generation of each batch shape compiles for seconds to a minute, later ones run faster."""
     check_quantize(quantize)
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
@@ -41,11 +42,10 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
         quantize_int8(loaded.model)
     else:
         prepare_for_inference(loaded.model, pack=not compile)  # compiled: see PackedLinear.forward
-    if compile:
-        compiled_decode.enable(loaded.model)
+    decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
-    return Model(loaded, tokenizer, n_params, quantize)
+    return Model(loaded, tokenizer, n_params, quantize, decoder)
 
 
 def release_free_heap() -> None:
@@ -60,12 +60,23 @@ def release_free_heap() -> None:
         trim(0)
 
 
+class Piece(str):
+    """A piece of streamed text, tagged with the (prompt, sample) it belongs to (`Model.stream`)."""
+
+    def __new__(cls, text: str, prompt_index: int = 0, sample_index: int = 0, finish_reason: str | None = None):
+        piece = super().__new__(cls, text)
+        piece.prompt_index, piece.sample_index, piece.finish_reason = prompt_index, sample_index, finish_reason
+        return piece
+
+
 class Model:
     """A loaded GPT-2 with its tokenizer. Generation options are `GenerationConfig` fields, passed
     as a config object, keyword arguments, or both (keywords win)."""
 
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, n_params: int, quantize: str | None = None):
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, n_params: int, quantize: str | None = None,
+                 decoder: Decoder | None = None):
         self.module = loaded.model
+        self.decoder = decoder or EagerDecoder(loaded.model)  # one decode step (compiled with compile=True)
         self.n_params = n_params
         self.quantize = quantize
         self.config: ModelConfig = loaded.config
@@ -127,7 +138,7 @@ class Model:
         """Like `generate`, with token ids, finish reason and (optionally) log-probabilities."""
         cfg, prompts, samples, indices = self._plan(prompt, config, options)
         done: list[Completion | None] = [None] * len(prompts)
-        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices):
+        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices, self.decoder):
             if event.completion is not None:
                 done[event.row] = event.completion
         return done
@@ -138,14 +149,18 @@ class Model:
         The prompt itself is not repeated in the result."""
         return [c.text for c in self.complete(prompt, config, **options)]
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None, **options) -> Iterator[str]:
-        """Yield the continuation of one prompt piece by piece as it is generated (n must be 1)."""
+    def stream(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
+               **options) -> Iterator[Piece]:
+        """Yield the continuation piece by piece as it is generated. Each piece is a `str` (so
+        `print(piece, end="")` streams one prompt) that also says whose it is: `prompt_index`,
+        `sample_index`, and `finish_reason` on the last piece of each (prompt, sample). Several
+        prompts or samples are generated together, their pieces interleaved as they come."""
         cfg, prompts, samples, indices = self._plan(prompt, config, options)
-        if not isinstance(prompt, str) or cfg.n != 1:
-            raise OptionError("n", "must be 1 and the prompt a single string when streaming")
-        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices):
-            if event.text:
-                yield event.text
+        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices, self.decoder):
+            done = event.completion
+            if event.text or done is not None:
+                yield Piece(event.text, prompt_index=indices[event.row], sample_index=samples[event.row],
+                            finish_reason=done.finish_reason if done is not None else None)
 
     def _plan(self, prompt, config: GenerationConfig | None, options: dict):
         """Options, then one row per (prompt, sample): token ids, sample and prompt indices."""

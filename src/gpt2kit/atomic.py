@@ -39,3 +39,16 @@ def _umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder`, and the folder itself, to disk before a rename publishes it."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

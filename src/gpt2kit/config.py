@@ -8,9 +8,10 @@ documented; the CLI, the Python API and the server all read it from here.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from dataclasses import field as _field  # DataConfig has a field named "field"
 
 from .errors import OptionError
@@ -65,13 +66,13 @@ PRESETS: dict[str, dict] = {
 DEFAULT_MAX_NEW_TOKENS = 200
 
 
-def _finite(name: str, value) -> float:
+def check_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise OptionError(name, f"must be a finite number, got {value!r}")
     return float(value)
 
 
-def _integer(name: str, value) -> int:
+def check_integer(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError(name, f"must be an integer, got {value!r}")
     return value
@@ -119,33 +120,33 @@ class GenerationConfig:
         "alternatives, N in [0, 20] (default: off)"})
 
     def __post_init__(self):
-        if self.max_new_tokens is not None and _integer("max_new_tokens", self.max_new_tokens) < 1:
+        if self.max_new_tokens is not None and check_integer("max_new_tokens", self.max_new_tokens) < 1:
             raise OptionError("max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
-        if self.max_length is not None and _integer("max_length", self.max_length) < 1:
+        if self.max_length is not None and check_integer("max_length", self.max_length) < 1:
             raise OptionError("max_length", f"must be at least 1, got {self.max_length}")
         if self.max_new_tokens is None and self.max_length is None:
             raise OptionError("max_new_tokens", "or max_length must be set")
-        if _integer("min_new_tokens", self.min_new_tokens) < 0:
+        if check_integer("min_new_tokens", self.min_new_tokens) < 0:
             raise OptionError("min_new_tokens", f"must be at least 0, got {self.min_new_tokens}")
-        if not 0 <= _finite("temperature", self.temperature) <= 2:
+        if not 0 <= check_finite("temperature", self.temperature) <= 2:
             raise OptionError("temperature", f"must be in [0, 2], got {self.temperature}")
-        if _integer("top_k", self.top_k) < 0:
+        if check_integer("top_k", self.top_k) < 0:
             raise OptionError("top_k", f"must be at least 0 (0 disables it), got {self.top_k}")
-        if not 0 < _finite("top_p", self.top_p) <= 1:
+        if not 0 < check_finite("top_p", self.top_p) <= 1:
             raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0 <= _finite("min_p", self.min_p) <= 1:
+        if not 0 <= check_finite("min_p", self.min_p) <= 1:
             raise OptionError("min_p", f"must be in [0, 1], got {self.min_p}")
-        if _finite("repetition_penalty", self.repetition_penalty) <= 0:
+        if check_finite("repetition_penalty", self.repetition_penalty) <= 0:
             raise OptionError("repetition_penalty", f"must be greater than 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= _finite(name, getattr(self, name)) <= 2:
+            if not -2 <= check_finite(name, getattr(self, name)) <= 2:
                 raise OptionError(name, f"must be in [-2, 2], got {getattr(self, name)}")
-        if _integer("n", self.n) < 1:
+        if check_integer("n", self.n) < 1:
             raise OptionError("n", f"must be at least 1, got {self.n}")
         if self.n > 1 and self.greedy:
             raise OptionError("n", f"must be 1 with greedy decoding (temperature 0), got {self.n}: "
                               "every sample would be the same text")
-        if self.seed is not None and not 0 <= _integer("seed", self.seed) < 2**63:
+        if self.seed is not None and not 0 <= check_integer("seed", self.seed) < 2**63:
             raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -153,18 +154,31 @@ class GenerationConfig:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise OptionError("stop", f"strings must be non-empty text, got {s!r}")
-        if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= 20:
+        if self.logprobs is not None and not 0 <= check_integer("logprobs", self.logprobs) <= 20:
             raise OptionError("logprobs", f"must be in [0, 20], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def sample(self, j: int) -> "GenerationConfig":
+        """The options that generate sample `j` of these on its own (n=1): with a seed, the same
+        text as sample j of the batched call; without one, a sample as independent as that."""
+        return replace(self, n=1, seed=None if self.seed is None else sample_seed(self.seed, j))
+
     def new_tokens_for(self, prompt_len: int) -> int:
         """How many tokens to generate after a prompt of `prompt_len` tokens (at least 1)."""
         if self.max_length is not None:
             return max(1, self.max_length - prompt_len)
         return self.max_new_tokens
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of a prompt: the seed itself for the first sample."""
+    if sample_index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
@@ -241,11 +255,11 @@ class LoraConfig:
         "may be repeated or comma-separated (default c_attn)"})
 
     def __post_init__(self):
-        if _integer("rank", self.rank) < 1:
+        if check_integer("rank", self.rank) < 1:
             raise OptionError("rank", f"must be at least 1, got {self.rank}")
-        if _finite("alpha", self.alpha) <= 0:
+        if check_finite("alpha", self.alpha) <= 0:
             raise OptionError("alpha", f"must be greater than 0, got {self.alpha}")
-        if not 0 <= _finite("dropout", self.dropout) < 1:
+        if not 0 <= check_finite("dropout", self.dropout) < 1:
             raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
         targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
         targets = tuple(dict.fromkeys(t.strip() if isinstance(t, str) else t for t in targets))

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .checkpoints.hf import _listing
+from .checkpoints.hf import key_listing
 from .checkpoints.weights import iter_tensors, read_json, save_safetensors
 from .config import TARGETS, LoraConfig
 from .errors import CheckpointError, OptionError
@@ -259,7 +259,7 @@ def _read_adapter_weights(folder: Path, linears: dict[str, nn.Linear], rank: int
     missing = sorted(k for k in expected if k.removeprefix(PREFIX) not in state)
     if missing or unexpected:
         raise CheckpointError(f"the adapter in {path} does not match its config ({CONFIG_FILE}): "
-                              f"missing {_listing(missing)}; unexpected {_listing(unexpected)}")
+                              f"missing {key_listing(missing)}; unexpected {key_listing(unexpected)}")
     return state
 
 

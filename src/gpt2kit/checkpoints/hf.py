@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..atomic import fsync_tree
 from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, OptionError
 from ..model import GPT
@@ -237,15 +238,15 @@ def build_model(cfg: ModelConfig, tensors: Iterable[Named], where: Path, device:
     missing = sorted(set(expected) - set(state) - {TIED})
     if missing or unexpected:
         raise CheckpointError(f"the weights in {where} do not match GPT-2 "
-                              f"({cfg.n_layer} layers): missing {_listing(missing)}; "
-                              f"unexpected {_listing(unexpected)}")
+                              f"({cfg.n_layer} layers): missing {key_listing(missing)}; "
+                              f"unexpected {key_listing(unexpected)}")
     result = model.load_state_dict(state, strict=False, assign=True)
     assert result.missing_keys == [TIED] and not result.unexpected_keys, result
     model.tie_weights()
     return model.eval(), describe_dtypes(stored)
 
 
-def _listing(keys: list[str], limit: int = 8) -> str:
+def key_listing(keys: list[str], limit: int = 8) -> str:
     if not keys:
         return "none"
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -288,7 +289,7 @@ def save_hf(model: GPT, folder: str | Path, *, tokenizer=None,
                      **(generation_config or {})})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _move_into_place(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,16 +325,3 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file in `folder`, and the folder itself, to disk before a rename publishes it."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -62,18 +62,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def stream_to_stdout(model, prompts: list[str], cfg: GenerationConfig) -> int:
-    from dataclasses import replace
-
-    from ..inference.generate import generate_events
+    """Each (prompt, sample) in turn, as it is generated: the same texts as without --stream."""
     for i, prompt in enumerate(prompts):
-        ids = model.tokenizer.encode(prompt)
         for j in range(cfg.n):
             if i or j:
                 print("\n" + SEPARATOR)
             print(prompt, end="", flush=True)
-            one = replace(cfg, n=1)
-            for event in generate_events(model.module, model.tokenizer, [ids], one, [j], [i]):
-                print(event.text, end="", flush=True)
+            for piece in model.stream(prompt, cfg.sample(j)):
+                print(piece, end="", flush=True)
     print()
     return 0
 

@@ -68,7 +68,7 @@ def run_score(args: argparse.Namespace) -> int:
         sys.stdout.write(body)
         return 0
     write_output(args.output, lambda tmp: tmp.write_text(body, encoding="utf-8"))
-    from ..inference.scoring import perplexity
+    from ..api import perplexity
     n_tokens = sum(s.n_tokens for s in scores)
     print(f"wrote {len(scores)} scores to {args.output} ({n_tokens:,} tokens, perplexity "
           f"{perplexity(-sum(s.total for s in scores) / n_tokens):.2f} over all)", file=sys.stderr)

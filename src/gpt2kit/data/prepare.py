@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import InputFileError, OptionError
 from .blocks import TokenBlocks
-from .readers import _check_options, _existing, _folder_files, _kind, _open, _pieces
+from .readers import check_options, existing_path, file_kind, folder_files, open_text, pieces
 
 CACHE_VERSION = 1  # bump when the token files or manifest change meaning
 BATCH_CHARS = 1 << 17  # characters per encode_batch call: bounds the Python lists of ids
@@ -55,7 +55,7 @@ def read_documents(cfg: DataConfig, path: str | None = None) -> Iterator[str]:
     """The non-blank documents of `path` (default `cfg.path`), newlines normalised, streamed. Each
     document is held whole here; `prepare_data` streams long plain-text documents in pieces instead."""
     parts: list[str] = []
-    for piece, ends in _pieces(cfg, _existing(path or cfg.path)):
+    for piece, ends in pieces(cfg, existing_path(path or cfg.path)):
         parts.append(piece)
         if ends:
             yield "".join(parts)
@@ -69,9 +69,9 @@ def prepare_data(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0,
     input fails here, fast."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise OptionError("block_size", f"must be an integer of at least 2, got {block_size!r}")
-    sources = [_existing(cfg.path)] + ([_existing(cfg.val_file, "validation file")] if cfg.val_file else [])
+    sources = [existing_path(cfg.path)] + ([existing_path(cfg.val_file, "validation file")] if cfg.val_file else [])
     for source in sources:
-        _check_options(cfg, source)
+        check_options(cfg, source)
     fingerprint = _fingerprint(cfg, tokenizer, seed, sources)
     folder = _cache_root(cfg) / fingerprint
     manifest = _read_manifest(folder)
@@ -177,15 +177,15 @@ def _build(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], folder: P
 
 def _tokenize_sources(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], train: _TokenFile,
                       val: _TokenFile, progress: bool) -> None:
-    total = sum(p.stat().st_size for s in sources for p in (_folder_files(s) if s.is_dir() else [s]))
+    total = sum(p.stat().st_size for s in sources for p in (folder_files(s) if s.is_dir() else [s]))
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
               file=sys.stderr) as bar:
         if cfg.val_file:
-            _tokenize(_pieces(cfg, sources[0], bar), tokenizer, lambda i: train)
-            _tokenize(_pieces(cfg, sources[1], bar), tokenizer, lambda i: val)
+            _tokenize(pieces(cfg, sources[0], bar), tokenizer, lambda i: train)
+            _tokenize(pieces(cfg, sources[1], bar), tokenizer, lambda i: val)
         else:
             fraction = cfg.val_fraction
-            _tokenize(_pieces(cfg, sources[0], bar), tokenizer, lambda i: val if _in_val(seed, i, fraction) else train)
+            _tokenize(pieces(cfg, sources[0], bar), tokenizer, lambda i: val if _in_val(seed, i, fraction) else train)
 
 
 def _balance(cfg: DataConfig, train: _TokenFile, val: _TokenFile, sources: list[Path]) -> list[str]:
@@ -276,13 +276,13 @@ def _cache_root(cfg: DataConfig) -> Path:
 
 def _fingerprint(cfg: DataConfig, tokenizer, seed: int, sources: list[Path]) -> str:
     """Everything the token files depend on; the path itself does not count (moving a file keeps its cache)."""
-    parts = {"version": CACHE_VERSION, "data": _content_hash(sources[0]), "kind": _kind(sources[0]),
+    parts = {"version": CACHE_VERSION, "data": _content_hash(sources[0]), "kind": file_kind(sources[0]),
              "column": cfg.column, "field": cfg.field, "line_by_line": cfg.line_by_line,
              "encoding": codecs.lookup(cfg.encoding).name, "encoding_errors": cfg.encoding_errors,
              "val_file": _content_hash(sources[1]) if cfg.val_file else None,
-             "val_kind": _kind(sources[1]) if cfg.val_file else None,
+             "val_kind": file_kind(sources[1]) if cfg.val_file else None,
              "val_fraction": None if cfg.val_file else cfg.val_fraction, "seed": seed,
-             "tokenizer": _tokenizer_identity(tokenizer)}
+             "tokenizer": tokenizer_identity(tokenizer)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -290,10 +290,10 @@ def _content_hash(path: Path) -> str:
     """sha256 of a file read in chunks; for a folder, of its .txt files' names and hashes."""
     h = hashlib.sha256()
     if path.is_dir():
-        for file in _folder_files(path):
+        for file in folder_files(path):
             h.update(f"{file.relative_to(path).as_posix()}\0{_content_hash(file)}\n".encode())
         return h.hexdigest()
-    with _open(path) as f:
+    with open_text(path) as f:
         while data := f.read(1 << 20):
             h.update(data)
     return h.hexdigest()
@@ -303,7 +303,7 @@ _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenize
 _PROBE = "Hello world! It's 2024: naïve café, 東京, 🤗 <|endoftext|>\n\n  indented\ttabs 12345"
 
 
-def _tokenizer_identity(tokenizer) -> str:
+def tokenizer_identity(tokenizer) -> str:
     """sha256 of the id -> bytes table, the EOS id and a probe's tokens (which depend on the merges)."""
     if (known := _IDENTITIES.get(tokenizer)) is None:
         h = hashlib.sha256()

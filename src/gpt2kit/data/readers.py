@@ -44,19 +44,19 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
     return "folder" if path.is_dir() else _KINDS.get(path.suffix.lower(), "text")
 
 
-def _existing(path: str, what: str = "data file") -> Path:
+def existing_path(path: str, what: str = "data file") -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputFileError(f"{what} {p} does not exist")
     return p
 
 
-def _check_options(cfg: DataConfig, path: Path) -> None:
-    kind = _kind(path)
+def check_options(cfg: DataConfig, path: Path) -> None:
+    kind = file_kind(path)
     wrong = {"column": kind not in ("csv", "tsv") and cfg.column is not None,
              "field": kind != "jsonl" and cfg.field is not None,
              "line_by_line": kind not in ("text", "folder") and cfg.line_by_line}
@@ -66,20 +66,20 @@ def _check_options(cfg: DataConfig, path: Path) -> None:
             raise OptionError(name, f"applies to {applies} files only; {path} is read as {_KIND_NAMES[kind]}")
 
 
-def _pieces(cfg: DataConfig, path: Path, bar: tqdm | None = None) -> Iterator[tuple[str, bool]]:
+def pieces(cfg: DataConfig, path: Path, bar: tqdm | None = None) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pairs: each non-blank document of `path` as one or more pieces."""
-    kind = _kind(path)
-    _check_options(cfg, path)
+    kind = file_kind(path)
+    check_options(cfg, path)
     if kind in ("csv", "tsv"):
         yield from _split_documents(_csv_documents(cfg, path, kind, bar))
     elif kind == "jsonl":
         yield from _split_documents(_jsonl_documents(cfg, path, bar))
     else:
-        for file in _folder_files(path) if kind == "folder" else [path]:
+        for file in folder_files(path) if kind == "folder" else [path]:
             yield from _text_pieces(cfg, file, bar)
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def folder_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
     if not files:
         raise InputFileError(f"{folder} holds no .txt files; put one document per .txt file in it")
@@ -91,7 +91,7 @@ def _chunks(cfg: DataConfig, path: Path, bar: tqdm | None) -> Iterator[str]:
     utf8 = codecs.lookup(cfg.encoding).name in ("utf-8", "utf-8-sig")
     decoder = codecs.getincrementaldecoder("utf-8" if utf8 else cfg.encoding)(cfg.encoding_errors)
     offset, carry = 0, ""
-    with _open(path) as f:
+    with open_text(path) as f:
         while True:
             data = f.read(CHUNK_BYTES)
             eof = not data
@@ -113,7 +113,7 @@ def _chunks(cfg: DataConfig, path: Path, bar: tqdm | None) -> Iterator[str]:
                 return
 
 
-def _open(path: Path):
+def open_text(path: Path):
     try:
         return open(path, "rb")
     except OSError as e:
@@ -122,7 +122,7 @@ def _open(path: Path):
 
 def _decode_error(cfg: DataConfig, path: Path, pos: int, e: UnicodeDecodeError) -> InputFileError:
     name = "UTF-8" if codecs.lookup(cfg.encoding).name in ("utf-8", "utf-8-sig") else cfg.encoding
-    with _open(path) as f:
+    with open_text(path) as f:
         head = f.read(2)
     hint = "--encoding utf-16" if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "--encoding latin-1"
     return InputFileError(f"not valid {name} at byte {pos} (line {_line_at(path, pos)}) of {path} ({e.reason}); "
@@ -132,7 +132,7 @@ def _decode_error(cfg: DataConfig, path: Path, pos: int, e: UnicodeDecodeError) 
 def _line_at(path: Path, pos: int) -> int:
     """The 1-based line holding byte `pos`, counting `\\n`, `\\r\\n` and a lone `\\r` as one break each."""
     line, prev = 1, b""
-    with _open(path) as f:
+    with open_text(path) as f:
         while pos > 0 and (data := f.read(min(CHUNK_BYTES, pos))):
             pos -= len(data)
             line += data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n") - (prev + data[:1] == b"\r\n")

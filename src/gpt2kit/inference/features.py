@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig, _integer
+from ..config import ModelConfig, check_integer
 from ..errors import OptionError, TokenizerError
 from ..model import GPT
 from .scoring import eval_mode
@@ -58,7 +58,7 @@ def layer_indices(layers: Sequence[int] | None, n_layer: int, name: str = "layer
     if not layers:
         raise OptionError(name, "is empty: name at least one layer (-1 is the last)")
     for i in layers:
-        if not -(n_layer + 1) <= _integer(name, i) <= n_layer:
+        if not -(n_layer + 1) <= check_integer(name, i) <= n_layer:
             raise OptionError(name, f"is {i}, but this model's layers are 0..{n_layer} (0 the "
                               f"embedding output, {n_layer} the last block after ln_f) or "
                               f"-{n_layer + 1}..-1 counting from the end")
@@ -70,10 +70,9 @@ def hidden_states(model: GPT, idx: torch.Tensor, layers: Sequence[int] | None = 
     (numbered as in the module docstring)."""
     n = model.config.n_layer
     wanted = layer_indices(layers, n)
-    states: list[torch.Tensor] = []
     with torch.inference_mode(), eval_mode(model):
         # Keep the per-block states only when asked for: they cost n_layer activations of memory.
-        last = model.hidden(idx, states=states if min(wanted) < n else None)
+        last, states = model.hidden(idx, keep_inputs=min(wanted) < n)
     return [(last if i == n else states[i]).float() for i in wanted]
 
 
@@ -111,7 +110,7 @@ def embed_ids(model: GPT, seqs: Sequence[list[int]], pool: str = "mean", layer: 
 def _check_embedding(seqs: list[list[int]], pool: str, batch_size: int, cfg: ModelConfig) -> None:
     if pool not in POOLS:
         raise OptionError("pool", f"must be one of {', '.join(POOLS)}; got {pool!r}")
-    if _integer("batch_size", batch_size) < 1:
+    if check_integer("batch_size", batch_size) < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
     if not seqs:
         raise OptionError("texts", "is an empty list: give at least one text to embed")

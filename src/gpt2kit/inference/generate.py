@@ -12,20 +12,19 @@ does not depend on what else is in the batch.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, sample_seed
 from ..errors import PromptTooLong
 from ..model import GPT
 from ..runtime import make_generator
 from ..tokenizer import StreamDecoder, Tokenizer
 from . import sampling
-from .running_batch import RunningBatch
+from .running_batch import Decoder, RunningBatch
 
 # When generation runs past the context window, keep this fraction of it and re-prefill.
 SLIDE_KEEP = 0.75
@@ -88,14 +87,6 @@ class Row:
         return (self.prompt + self.tokens)[-keep:]
 
 
-def sample_seed(seed: int, sample_index: int) -> int:
-    """The seed of sample `sample_index` of a prompt: the seed itself for the first sample."""
-    if sample_index == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def row_seed(seed: int | None, sample_index: int) -> int:
     """The seed of a row's generator. Without a seed every row draws a fresh one, so no two rows
     of a batch (the same prompt twice, or sample j of different prompts) share their draws."""
@@ -123,15 +114,16 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
 
 def generate_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
                     cfg: GenerationConfig, sample_indices: list[int] | None = None,
-                    prompt_indices: list[int] | None = None) -> Iterator[Event]:
-    """Generate one continuation per entry of `prompts` (token ids), yielding text as it is final."""
+                    prompt_indices: list[int] | None = None, decoder: Decoder | None = None) -> Iterator[Event]:
+    """Generate one continuation per entry of `prompts` (token ids), yielding text as it is final.
+    `decoder` runs each decode step (default: the model's forward, eagerly)."""
     n_ctx = model.config.n_positions
     device = next(model.parameters()).device
     rows = make_rows(tokenizer, prompts, cfg, n_ctx, device, sample_indices, prompt_indices)
     # The cache holds no more than the longest prompt plus the largest budget.
     need = max(len(row.prompt) for row in rows) + max(row.budget for row in rows)
     with torch.inference_mode():
-        batch = RunningBatch(model, len(rows), max_len=min(n_ctx, need))
+        batch = RunningBatch(model, len(rows), max_len=min(n_ctx, need), decoder=decoder)
         batch.join(rows, [row.prompt for row in rows])
         while batch.rows:
             yield from step(batch, tokenizer)

@@ -6,7 +6,7 @@ finished or cancelled ones at every step), and plain batch generation is its sim
 Layout: batch row r of the cache holds one sequence, right-aligned so that every row's next token
 goes to the same slot `start` (one decode step is then one forward pass with a scalar position).
 Row r's text fills slots pad[r]..start-1; the slots before pad[r] are hidden from attention and
-its positions count from 0 after them, as for any left-padded batch (model.attention_mask).
+its positions count from 0 after them, as for any left-padded batch (model.Positions).
 
   - join: the new sequences are prefilled into free rows, ending at `start` (if one is longer
     than `start`, the running rows are first moved right to make room);
@@ -18,31 +18,53 @@ its positions count from 0 after them, as for any left-padded batch (model.atten
 
 from __future__ import annotations
 
-from typing import Generic, Sequence, TypeVar
+from typing import Generic, Protocol, Sequence, TypeVar
 
 import torch
 
-from ..kernels import compiled_decode
-from ..model import GPT
+from ..model import GPT, Positions
 from .kv_cache import KVCache
 
 R = TypeVar("R")
 
 
-class RunningBatch(Generic[R]):
-    """Up to `capacity` sequences (any row objects `R`) with their next-token logits.
+class Decoder(Protocol):
+    """One decode step over a cache it allocated: `EagerDecoder`, or a fast path's
+    (kernels/compiled_decode.CompiledDecoder), chosen by whoever builds the batch."""
 
-    `compiled`: True (default) decodes with the step `compiled_decode.enable` attached to the
-    model, if any; False decodes eagerly; or the `CompiledDecode` step to use."""
+    def new_cache(self, capacity: int, max_len: int | None) -> KVCache:
+        """A cache for up to `capacity` rows of `max_len` slots (the decoder may round them up)."""
 
-    def __init__(self, model: GPT, capacity: int, max_len: int | None = None,
-                 compiled: compiled_decode.CompiledDecode | bool = True):
+    def __call__(self, cache: KVCache, tokens: list[int], start: int, pads: list[int]) -> torch.Tensor:
+        """Next-token logits (len(tokens), V) float32 after feeding one token per live row
+        (rows 0..len(tokens)-1 of the cache) at slot `start`; `pads` is each row's padding."""
+
+
+class EagerDecoder:
+    """The model's forward as it is, over the live rows and the written slots only."""
+
+    def __init__(self, model: GPT):
         self.model = model
-        self.compiled = compiled_decode.attached(model) if compiled is True else compiled or None
-        if self.compiled:  # a cache of the compiled step's shape (it may have spare rows and slots)
-            self.cache = self.compiled.new_cache(capacity, max_len)
-        else:
-            self.cache = KVCache.for_model(model, capacity, max_len)
+
+    def new_cache(self, capacity: int, max_len: int | None) -> KVCache:
+        return KVCache.for_model(self.model, capacity, max_len)
+
+    def __call__(self, cache: KVCache, tokens: list[int], start: int, pads: list[int]) -> torch.Tensor:
+        device = cache.k.device
+        idx = torch.tensor(tokens, device=device)[:, None]
+        pad = torch.tensor(pads, device=device) if any(pads) else None
+        at = Positions.at(start, 1, pad, device)
+        return self.model(idx, cache.rows(0, len(tokens)), at, last_only=True)[:, -1].float()
+
+
+class RunningBatch(Generic[R]):
+    """Up to `capacity` sequences (any row objects `R`) with their next-token logits. Prompts
+    are prefilled by the model's forward; each decode step is `decoder`'s (default: eager)."""
+
+    def __init__(self, model: GPT, capacity: int, max_len: int | None = None, decoder: Decoder | None = None):
+        self.model = model
+        self.decoder = decoder or EagerDecoder(model)
+        self.cache = self.decoder.new_cache(capacity, max_len)
         self.capacity = capacity
         self.rows: list[R] = []
         self.pads: list[int] = []
@@ -73,10 +95,11 @@ class RunningBatch(Generic[R]):
         lo, hi = len(self.rows), len(self.rows) + len(rows)
         pads = [self.start - len(c) for c in contexts]
         first = self.start - longest  # the first slot this prefill writes
-        device = self.cache.k[0].device
+        device = self.cache.k.device
         idx = torch.tensor([[0] * (p - first) + c for p, c in zip(pads, contexts)], device=device)
         pad = torch.tensor(pads, device=device) if any(pads) else None
-        logits = self.model(idx, first, self.cache.rows(lo, hi), pad, last_only=True)[:, -1].float()
+        at = Positions.at(first, idx.shape[1], pad, device)
+        logits = self.model(idx, self.cache.rows(lo, hi), at, last_only=True)[:, -1].float()
         self.rows += rows
         self.pads += pads
         self.logits = logits if self.logits is None or lo == 0 else torch.cat([self.logits[:lo], logits])
@@ -116,13 +139,5 @@ class RunningBatch(Generic[R]):
 
     def decode(self, tokens: Sequence[int]) -> None:
         """Feed one token per row (in row order) at slot `start`; refresh `self.logits`."""
-        if self.compiled:
-            self.logits = self.compiled(self.cache, list(tokens), self.start, self.pads)
-            self.start += 1
-            return
-        device = self.cache.k[0].device
-        idx = torch.tensor(tokens, device=device)[:, None]
-        pad = torch.tensor(self.pads, device=device) if any(self.pads) else None
-        view = self.cache.rows(0, len(self.rows))
-        self.logits = self.model(idx, self.start, view, pad, last_only=True)[:, -1].float()
+        self.logits = self.decoder(self.cache, list(tokens), self.start, self.pads)
         self.start += 1

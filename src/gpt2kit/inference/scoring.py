@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import _integer
+from ..config import check_integer
 from ..errors import OptionError, TokenizerError
 from ..model import GPT
 
@@ -125,7 +125,7 @@ def _score_windows(model: GPT, rows: list[tuple[torch.Tensor, tuple[int, int, in
     batch = rows[0][0].new_zeros((len(rows), width))  # (B, T); token 0 pads
     for r, (seq, (begin, end, _)) in enumerate(rows):
         batch[r, :end - begin] = seq[begin:end]
-    h = model.hidden(batch)  # (B, T, C)
+    h, _ = model.hidden(batch)  # (B, T, C)
     # Position t predicts token t + 1: the hidden states before each scored token, as one (N, C).
     x = torch.cat([h[r, first - 1 - begin:end - 1 - begin]
                    for r, (_, (begin, end, first)) in enumerate(rows)])
@@ -156,9 +156,9 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = 8,
     """(mean loss, perplexity) over the first `max_batches` batches of `blocks` (all by default),
     exactly as training computes its loss: cross-entropy of logits[:, :-1] against tokens[:, 1:],
     averaged over every predicted token. Runs in eval mode (no dropout), then restores the mode."""
-    if _integer("batch_size", batch_size) < 1:
+    if check_integer("batch_size", batch_size) < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
-    if max_batches is not None and _integer("max_batches", max_batches) < 1:
+    if max_batches is not None and check_integer("max_batches", max_batches) < 1:
         raise OptionError("max_batches", f"must be at least 1, got {max_batches}")
     if len(blocks) == 0:
         raise OptionError("blocks", f"is empty: the data holds {blocks.n_tokens} tokens, fewer than "
@@ -170,7 +170,7 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = 8,
     with torch.inference_mode(), eval_mode(model):
         for i in range(n_batches):
             x = blocks.batch(range(i * batch_size, min((i + 1) * batch_size, len(blocks)))).to(device)
-            h = model.hidden(x)  # (B, T, C); the head runs per row, for memory as in _score_windows
+            h, _ = model.hidden(x)  # (B, T, C); the head runs per row, for memory as in _score_windows
             for row in range(x.shape[0]):
                 logits = model.lm_head(h[row, :-1]).float()  # (T - 1, V)
                 total += F.cross_entropy(logits, x[row, 1:], reduction="sum").item()
@@ -192,10 +192,10 @@ def eval_mode(model: GPT):
 
 def _check_scoring(seqs: list[list[int]], bos_id: int, stride: int, batch_size: int, cfg) -> None:
     n_ctx = cfg.n_positions
-    if not 1 <= _integer("stride", stride) < n_ctx:
+    if not 1 <= check_integer("stride", stride) < n_ctx:
         raise OptionError("stride", f"must be in [1, {n_ctx - 1}]: below the context ({n_ctx} tokens) "
                           f"so that windows overlap and every token is scored; got {stride}")
-    if _integer("batch_size", batch_size) < 1:
+    if check_integer("batch_size", batch_size) < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
     if not seqs:
         raise OptionError("texts", "is an empty list: give at least one text to score")

@@ -48,12 +48,12 @@ def _lean_path(x: torch.Tensor) -> bool:
         not torch.is_autocast_enabled("cpu")
 
 
-def _lean_attention(attn: CausalSelfAttention, x, layer: int, start: int, cache, mask):
+def _lean_attention(attn: CausalSelfAttention, x, layer: int, cache, at, mask):
     """CausalSelfAttention.forward with DropoutAttention for the training case (a test checks
     that both give the same loss and gradients)."""
-    p = attn.dropout if attn.training else 0.0
-    if p == 0.0 or cache is not None or mask is not True or not _lean_path(x):
-        return type(attn).forward(attn, x, layer, start, cache, mask)
+    p = attn.core.p if attn.training else 0.0
+    if p == 0.0 or cache is not None or mask is not None or not _lean_path(x):
+        return type(attn).forward(attn, x, layer, cache, at, mask)
     B, T, C = x.shape
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)

@@ -32,7 +32,7 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 
 def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
     served = settings.served_model_name or served or model.source
-    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue)
+    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder)
     created = int(time.time())
 
     @asynccontextmanager

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inference.generate import Event, Row, feed_tokens, take_tokens
-from ..inference.running_batch import RunningBatch
+from ..inference.running_batch import Decoder, RunningBatch
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")
@@ -55,8 +55,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int,
+                 decoder: Decoder | None = None):
         self.model = model
+        self.decoder = decoder  # each decode step's (None: the model's forward, eagerly)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -108,7 +110,7 @@ class Scheduler:
     # --- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: RunningBatch[Row] = RunningBatch(self.model, self.max_batch)
+        batch: RunningBatch[Row] = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -127,7 +129,7 @@ class Scheduler:
                 except Exception as e:  # never let one bad step end the server
                     log.exception("decoding step failed")
                     self._fail_all(f"generation failed ({type(e).__name__}: {e})")
-                    batch = RunningBatch(self.model, self.max_batch)
+                    batch = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
         self._fail_all("the server is shutting down")
 
     def _admit(self, batch: RunningBatch[Row]) -> list[Row]:

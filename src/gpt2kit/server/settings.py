@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import _integer
+from ..config import check_integer
 from ..errors import OptionError
 
 
@@ -44,11 +44,11 @@ class ServerConfig:
         "cancelled (default 30)"})
 
     def __post_init__(self):
-        if not 0 <= _integer("port", self.port) <= 65535:
+        if not 0 <= check_integer("port", self.port) <= 65535:
             raise OptionError("port", f"must be in [0, 65535], got {self.port}")
         for name in ("max_batch", "max_queue", "max_n", "max_tokens_limit", "token_budget", "max_body_bytes",
                      "max_prompt_chars", "max_stop", "max_stop_chars"):
-            if _integer(name, getattr(self, name)) < 1:
+            if check_integer(name, getattr(self, name)) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         if not self.shutdown_timeout >= 0:
             raise OptionError("shutdown_timeout", f"must be at least 0, got {self.shutdown_timeout}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..config import PRESETS, _finite, _integer
+from ..config import PRESETS, check_finite, check_integer
 from ..errors import OptionError
 
 SCHEDULES = ("cosine", "linear")
@@ -106,28 +106,28 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out.strip():
             raise OptionError("out", "must name the run folder (a path)")
-        if not 0 < _finite("epochs", self.epochs) <= 1e6:
+        if not 0 < check_finite("epochs", self.epochs) <= 1e6:
             raise OptionError("epochs", f"must be greater than 0, got {self.epochs}")
         for name in ("max_steps", "warmup_steps", "block_size"):
             value = getattr(self, name)
-            if value is not None and _integer(name, value) < (0 if name == "warmup_steps" else 1):
+            if value is not None and check_integer(name, value) < (0 if name == "warmup_steps" else 1):
                 raise OptionError(name, f"must be at least {0 if name == 'warmup_steps' else 1}, got {value}")
         if self.block_size is not None and self.block_size < 2:
             raise OptionError("block_size", f"must be at least 2, got {self.block_size}")
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):
-            if _integer(name, getattr(self, name)) < 1:
+            if check_integer(name, getattr(self, name)) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "sample_every", "save_every"):
-            if _integer(name, getattr(self, name)) < 0:
+            if check_integer(name, getattr(self, name)) < 0:
                 raise OptionError(name, f"must be at least 0 (0 disables), got {getattr(self, name)}")
-        if not 0 <= _integer("seed", self.seed) < 2**63:
+        if not 0 <= check_integer("seed", self.seed) < 2**63:
             raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
-        if self.learning_rate is not None and not _finite("learning_rate", self.learning_rate) > 0:
+        if self.learning_rate is not None and not check_finite("learning_rate", self.learning_rate) > 0:
             raise OptionError("learning_rate", f"must be greater than 0, got {self.learning_rate}")
         for name in ("weight_decay", "grad_clip"):
-            if _finite(name, getattr(self, name)) < 0:
+            if check_finite(name, getattr(self, name)) < 0:
                 raise OptionError(name, f"must be at least 0, got {getattr(self, name)}")
-        if self.dropout is not None and not 0 <= _finite("dropout", self.dropout) < 1:
+        if self.dropout is not None and not 0 <= check_finite("dropout", self.dropout) < 1:
             raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.schedule not in SCHEDULES:
             raise OptionError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")

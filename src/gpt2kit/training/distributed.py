@@ -88,38 +88,39 @@ def check_batch(world: World, batch_size: int) -> None:
                           f"processes ({world.world_size}): each takes an equal share of every batch")
 
 
-def wrap(model: GPT, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """With several processes: DistributedDataParallel over `model`, or with `fsdp` the model
-    itself, sharded in place (the optimizer must be made afterwards, over the shards).
-    Otherwise `model` as it is."""
+def wrap(objective: torch.nn.Module, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """With several processes: DistributedDataParallel over the training objective (a module
+    whose `.model` is the GPT), or with `fsdp` the objective itself, sharded in place (the
+    optimizer must be made afterwards, over the shards). Otherwise `objective` as it is."""
     if not world.distributed:
-        return model
+        return objective
     if fsdp:
-        return shard(model, world, device)
+        return shard(objective, world, device)
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def shard(model: GPT, world: World, device: torch.device) -> GPT:
+def shard(objective: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """FSDP2 over the loaded model: each block its own group (gathered for its forward, freed
-    after, gathered again for its backward), then the root for the rest (embeddings with the tied
-    head, ln_f). Every process loaded the same whole model (checkpoint, or seeded initialisation)
-    and keeps its 1/N here. Gradients are reduce-scattered at every micro-step rather than held
-    whole until the last (`no_sync`): sharded gradients are the memory FSDP is for."""
+    after, gathered again for its backward), then the objective as the root for the rest
+    (embeddings with the tied head, ln_f), gathered for its whole forward: the model's and the
+    loss's use of the head. Every process loaded the same whole model (checkpoint, or seeded
+    initialisation) and keeps its 1/N here. Gradients are reduce-scattered at every micro-step
+    rather than held whole until the last (`no_sync`): sharded gradients are the memory FSDP is for."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world.world_size,))  # explicit: a CPU run on a GPU host
-    for block in model.transformer.h:
+    for block in objective.model.transformer.h:
         fully_shard(block, mesh=mesh)
-    # The root stays gathered after forward (FSDP2's default for it, relied on here): the training
-    # loss runs the tied head on the forward's output (train.compute_loss).
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    return model
+    fully_shard(objective, mesh=mesh, reshard_after_forward=False)
+    return objective
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards any of `model`'s parameters (its blocks; its root group belongs to the
+    objective that wraps it)."""
     from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _whole(**options):

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoints import save_hf
@@ -33,12 +32,13 @@ from ..data.prepare import DataConfig
 from ..errors import Gpt2kitError, Stopped
 from ..inference.scoring import evaluate_blocks
 from ..kernels.compile_log import FIRST_RUN
-from ..kernels.fused_loss import LOSS_CHUNK, HeadCrossEntropy
+from ..kernels.fused_loss import LOSS_CHUNK
 from ..lora import LoraConfig, merge_lora, save_adapter
 from ..model import GPT
 from ..runtime import autocast, precision, resolve_device
 from . import distributed
 from .config import TrainConfig
+from .objective import NextTokenLoss
 from .runs import METRICS, Run, capture_rng
 from .samples import CopyDetector, write_samples
 from .schedule import MIN_LR_RATIO, get_lr
@@ -129,7 +129,7 @@ def setup(job: Job, progress: bool) -> None:
     job.autocast_dtype, scaling = precision(job.cfg.dtype, job.device)
     job.scaler = torch.amp.GradScaler(job.device.type) if scaling else None
     check_memory(job, loss_rows=None if job.autocast_dtype else LOSS_CHUNK)
-    job.net = distributed.wrap(job.model, job.world, job.device, job.cfg.fsdp)
+    job.net = distributed.wrap(NextTokenLoss(job.model), job.world, job.device, job.cfg.fsdp)
     job.optimizer = make_optimizer(job.model, job.cfg, job.device)  # after FSDP: over the shards
     if job.cfg.compile:  # DDP first, then compile: TorchDynamo then splits the graph at DDP's buckets
         job.net = torch.compile(job.net)
@@ -207,7 +207,7 @@ def optimizer_step(job: Job) -> tuple[float, float]:
     for micro in range(accum):
         x = micro_batch(job, micro).to(job.device)
         with distributed.no_sync(job.net, sync=micro == accum - 1), autocast(job.device, job.autocast_dtype):
-            loss = compute_loss(job.net, job.model.lm_head, x) / accum
+            loss = job.net(x) / accum
             (job.scaler.scale(loss) if job.scaler else loss).backward()
         total += loss.detach()
     loss = distributed.mean(job.world, total).item()
@@ -226,17 +226,6 @@ def optimizer_step(job: Job) -> tuple[float, float]:
         job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
     return loss, norm
-
-
-def compute_loss(net: torch.nn.Module, head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1], in float32 (as inference/scoring.py).
-    `net` runs the forward (the model, or its DDP, FSDP or compiled form), `head` is its LM head.
-    In float32 the head and the loss run fused (HeadCrossEntropy); under autocast, plainly."""
-    targets = x[:, 1:].flatten()
-    if torch.is_autocast_enabled(x.device.type):  # keep autocast's half-precision head GEMMs
-        return F.cross_entropy(net(x[:, :-1]).float().flatten(0, 1), targets)
-    h = net(x[:, :-1], head=False)  # (B, T-1, C); after forward, so FSDP has gathered the head
-    return HeadCrossEntropy.apply(h.flatten(0, 1), head.weight, targets)
 
 
 def micro_batch(job: Job, micro: int) -> torch.Tensor:

@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_atomically
-from ..checkpoints.hf import _fsync_tree
+from ..atomic import fsync_tree, write_atomically
 from ..errors import CheckpointError, Gpt2kitError
 
 RUN_FILE, METRICS, SAMPLES, PLOT = "run.json", "metrics.jsonl", "samples.jsonl", "loss.png"
@@ -118,7 +117,7 @@ class Run:
             write_tensors(rng, tmp / RNG)
             write_json(tmp / STATE, state)
             (tmp / COMPLETE).write_text(f"step {step}\n")  # last: its presence vouches for the rest
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 _remove(final)
             os.replace(tmp, final)

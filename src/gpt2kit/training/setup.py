@@ -21,13 +21,13 @@ from tqdm import tqdm
 from ..checkpoints import load_model
 from ..checkpoints.hf import read_config
 from ..config import PRESETS, ModelConfig
-from ..data.prepare import DataConfig, PreparedData, _tokenizer_identity, prepare_data
-from ..data.readers import _existing, _pieces  # ask data.py for a public check_input(cfg)
+from ..data.prepare import DataConfig, PreparedData, prepare_data, tokenizer_identity
+from ..data.readers import existing_path, pieces
 from ..errors import CheckpointError, Gpt2kitError, InputFileError, OptionError
 from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.lean_backward import save_less_for_backward
 from ..lora import LoraConfig, ParameterCount, apply_lora, count_parameters, load_adapter
-from ..model import GPT, CausalSelfAttention
+from ..model import GPT
 from ..tokenizer import Tokenizer
 from . import distributed
 from .config import RESUME_SAFE, TrainConfig
@@ -126,7 +126,7 @@ def check_data(data: DataConfig) -> None:
     """Fail fast, before any model is loaded, on a missing file, a wrong --column or --field, or
     no text at all, so a mistake costs seconds, not a model download: reading the first piece of text runs the readers' own checks."""
     for path, what in ((data.path, "training"), (data.val_file, "validation")):
-        if path is not None and next(_pieces(data, _existing(path)), None) is None:
+        if path is not None and next(pieces(data, existing_path(path)), None) is None:
             raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
 
 
@@ -172,7 +172,7 @@ def model_identity(model: GPT, tokenizer: Tokenizer, data: PreparedData, lora: L
     adapters = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha,
                                           "targets": list(lora.targets)}
     return {"model_shape": _shape(model.config), "block_size": data.block_size,
-            "tokenizer": _tokenizer_identity(tokenizer), "data_fingerprint": data.fingerprint,
+            "tokenizer": tokenizer_identity(tokenizer), "data_fingerprint": data.fingerprint,
             "lora": adapters}
 
 
@@ -187,7 +187,7 @@ def requested_identity(spec: str) -> dict:
     else:
         return {}
     tokenizer = (Tokenizer.from_folder(folder) if folder.is_dir() else None) or Tokenizer.default()
-    return {"model_shape": _shape(c), "tokenizer": _tokenizer_identity(tokenizer)}
+    return {"model_shape": _shape(c), "tokenizer": tokenizer_identity(tokenizer)}
 
 
 def _shape(c: ModelConfig) -> dict:
@@ -385,10 +385,9 @@ def progress_bar(job: Job, enabled: bool) -> tqdm:
 
 
 def set_dropout(model: GPT, p: float) -> None:
-    """Set the model's dropout (embeddings, attention, residual), leaving LoRA's own alone."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
-            module.p = p
-        elif isinstance(module, CausalSelfAttention):
-            module.dropout = p
+    """Set the model's dropout where GPT-2 has it (embeddings, attention weights, residual
+    branches), by the model's structure: adapters' own dropout (LoRA) is not the model's."""
+    model.transformer.drop.p = p
+    for block in model.transformer.h:
+        block.attn.core.p = block.attn.resid_dropout.p = block.mlp.dropout.p = p
     model.config = replace(model.config, dropout=p)
