@@ -178,7 +178,7 @@ def test_weights_moved_after_the_decoder_was_made_are_one_clear_error(tiny_folde
 
 @pytest.mark.slow
 def test_int8_model_compiled_equals_int8_eager(tiny_folder):
-    """The int8 kernels traced into the compiled step (int8.int8_matmul under compilation)."""
+    """The int8 kernels traced into the compiled step (int8.Int8Products under compilation)."""
     eager = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
     compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
     prompts = ["Hello there, how are", "Hi"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_hf_model
 
 import gpt2kit
-from gpt2kit.kernels.int8 import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, int8_matmul, quantize_rows
+from gpt2kit.kernels.int8 import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, Int8Products, quantize_rows
 from gpt2kit.quantize import compare
 
 
@@ -31,13 +31,15 @@ def test_int8_matmul_equals_the_dequantized_product(rows):
     q, scale = quantize_rows(torch.randn(96, 80))
     x = torch.randn(rows, 80)
     expected = F.linear(x, q.float() * scale[:, None])
-    assert torch.allclose(int8_matmul(x, q, scale), expected, atol=1e-4, rtol=1e-4)
+    products = Int8Products()
+    assert torch.allclose(products(x, q, scale), expected, atol=1e-4, rtol=1e-4)
+    assert products.last == ("fused" if rows <= FUSED_MAX_ROWS else "dequantized")  # the path named
 
 
 def test_int8_matmul_in_bfloat16():
     q, scale = quantize_rows(torch.randn(96, 80))
     x = torch.randn(2, 80)
-    y = int8_matmul(x.bfloat16(), q, scale.bfloat16())
+    y = Int8Products()(x.bfloat16(), q, scale.bfloat16())
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), F.linear(x, q.float() * scale[:, None]), atol=0.1, rtol=0.02)
 

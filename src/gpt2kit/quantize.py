@@ -17,7 +17,7 @@ import torch
 
 from .config import QUANTIZE
 from .errors import OptionError
-from .kernels.int8 import Int8Embedding, Int8Linear, quantize_rows
+from .kernels.int8 import Int8Embedding, Int8Linear, Int8Products, quantize_rows
 from .model import GPT
 
 if TYPE_CHECKING:
@@ -33,16 +33,17 @@ def check_quantize(quantize: str | None) -> None:
 def quantize_int8(model: GPT) -> GPT:
     """Replace the model's matrices with int8 ones, in place; returns the model (inference only)."""
     dtype = model.transformer.wte.weight.dtype
+    products = Int8Products()  # one compiled kernel for all of the model's matrices
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             linear = getattr(parent, name)
             weight, scale = quantize_rows(linear.weight.detach())
-            setattr(parent, name, Int8Linear(weight, scale.to(dtype), linear.bias.detach()))
+            setattr(parent, name, Int8Linear(weight, scale.to(dtype), linear.bias.detach(), products))
     weight, scale = quantize_rows(model.transformer.wte.weight.detach())
     embedding = Int8Embedding(weight, scale.to(dtype))
     model.transformer.wte = embedding
-    model.lm_head = Int8Linear(embedding.weight, embedding.scale, None)  # still tied: same int8 storage
+    model.lm_head = Int8Linear(embedding.weight, embedding.scale, None, products)  # still tied: same int8 storage
     return model
 
 

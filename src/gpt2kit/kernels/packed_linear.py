@@ -79,7 +79,7 @@ class PackedLinear(torch.nn.Module):
 
 def materialized(x: torch.Tensor) -> torch.Tensor:
     """x computed into a buffer of its own before a compiled one-row product reads it
-    (PackedLinear._one_row, int8.int8_matmul). Otherwise Inductor inlines the elementwise
+    (PackedLinear._one_row, int8.Int8Products). Otherwise Inductor inlines the elementwise
     work producing x (a LayerNorm's normalisation, a GELU) into the product's inner loop and
     redoes it for every output row: GPT-2 124M's compiled int8 step took 10-11 ms with that,
     6.6-8.4 ms without (A/B, fresh processes)."""
