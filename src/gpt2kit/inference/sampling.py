@@ -54,8 +54,11 @@ def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs  # probability mass above each token
-    drop_sorted = before >= p
+    # A token is dropped when the mass above it reaches p, i.e. when it and everything less
+    # likely hold at most 1 - p. Summed from the small end: a float32 softmax over 50k tokens is
+    # off from 1 by ~1e-6, which a running sum from the top would charge against p.
+    at_and_below = probs.flip(-1).cumsum(-1).flip(-1)
+    drop_sorted = at_and_below <= 1 - p
     drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, NEG_INF)
