@@ -521,6 +521,26 @@ def test_val_file(tmp_path, tok):
         prep(tmp_path, tok, path=str(train), val_file=str(blank_val))
 
 
+def test_check_input_fails_fast_on_either_file(tmp_path, jokes_csv):
+    """check_input reads only the first piece of each file, and fails as the full read would."""
+    good = write(tmp_path / "train.csv", "text\n" + "training row\n" * 3)
+    readers.check_input(DataConfig(str(good), val_file=str(good)))
+    blank = write(tmp_path / "blank.csv", "text\n\n")
+    jsonl = write(tmp_path / "rows.jsonl", '{"text": "one"}\n')
+    bad = [
+        (dict(path=str(tmp_path / "missing.txt")), r"data file .*missing\.txt does not exist"),
+        (dict(path=str(good), val_file=str(tmp_path / "gone.csv")), r"validation file .*gone\.csv does not exist"),
+        (dict(path=str(jokes_csv)), "pass --column"),
+        (dict(path=str(jokes_csv), column="Jokes"), "has no column 'Jokes'"),
+        (dict(path=str(jsonl), field="body"), "has no field 'body'"),
+        (dict(path=str(blank)), r"no training text found in .*blank\.csv"),
+        (dict(path=str(good), val_file=str(blank)), r"no validation text found in .*blank\.csv"),
+    ]
+    for options, message in bad:
+        with pytest.raises(InputFileError, match=message):
+            readers.check_input(DataConfig(**options))
+
+
 # --- block size ---------------------------------------------------------------------------------
 
 def test_block_size_fallback_and_too_little_text(tmp_path, tok):

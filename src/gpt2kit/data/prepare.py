@@ -28,7 +28,7 @@ from ..atomic import atomic_folder
 from ..config import DataConfig
 from ..errors import InputFileError, OptionError
 from .blocks import TokenBlocks
-from .readers import check_options, existing_path, file_kind, folder_files, open_text, pieces
+from .readers import check_options, existing_path, file_kind, folder_files, input_paths, open_text, pieces
 
 CACHE_VERSION = 1  # bump when the token files or manifest change meaning
 BATCH_CHARS = 1 << 17  # characters per encode_batch call: bounds the Python lists of ids
@@ -69,7 +69,7 @@ def prepare_data(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0,
     input fails here, fast."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise OptionError("block_size", f"must be an integer of at least 2, got {block_size!r}")
-    sources = [existing_path(cfg.path)] + ([existing_path(cfg.val_file, "validation file")] if cfg.val_file else [])
+    sources = input_paths(cfg)
     for source in sources:
         check_options(cfg, source)
     fingerprint = _fingerprint(cfg, tokenizer, seed, sources)
