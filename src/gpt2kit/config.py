@@ -186,7 +186,9 @@ ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the training text is and how to read and split it. The CLI builds flags from these fields."""
+    """Where the training text is and how to read and split it. The CLI builds flags from these
+    fields. How long a block is belongs to training (TrainConfig.block_size): it depends on the
+    model's context, and resuming checks it."""
 
     path: str = _field(metadata={
         "help": "training text: a .txt file, a .csv/.tsv file, a .jsonl file or a folder of .txt files"})
@@ -206,8 +208,6 @@ class DataConfig:
         "(default 0.05; ignored with --val-file)"})
     val_file: str | None = _field(default=None, metadata={
         "help": "validation data, read like the training data (default: hold out --val-fraction)"})
-    block_size: int | None = _field(default=None, metadata={
-        "help": "tokens per training block (default: the model's context)"})
     cache_dir: str | None = _field(default=None, metadata={
         "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
 
@@ -231,9 +231,13 @@ class DataConfig:
         v = self.val_fraction
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 0.5):
             raise OptionError("val_fraction", f"must be a number in [0, 0.5], got {v!r}")
-        b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-            raise OptionError("block_size", f"must be an integer of at least 2, got {b!r}")
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "DataConfig":
+        """The DataConfig a run.json recorded. Runs saved before block_size left DataConfig (issue
+        14: it was validated but never read; TrainConfig.block_size is the one training uses)
+        still record it, so it is dropped here."""
+        return cls(**{name: value for name, value in saved.items() if name != "block_size"})
 
 
 # Linear layers LoRA can adapt (module-name suffixes in GPT; "c_proj" means both projections).

@@ -27,7 +27,7 @@ def configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="model to start from: hub id, folder or weights "
                    "file (default gpt2; with --resume, the run's)")
     add_dataclass_flags(p, TrainConfig, "training options")
-    add_dataclass_flags(p, DataConfig, "data options", skip=("path", "block_size"))
+    add_dataclass_flags(p, DataConfig, "data options", skip=("path",))
     add_dataclass_flags(p, LoraConfig, "LoRA options (with --lora)", prefix="lora_")
 
 
@@ -50,7 +50,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-READ_ONLY_DATA = ("path", "val_fraction", "val_file", "block_size", "cache_dir")
+READ_ONLY_DATA = ("path", "val_fraction", "val_file", "cache_dir")
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
