@@ -112,9 +112,11 @@ class GenerationConfig:
         "help": "random seed; the same prompt, seed and options give the same text "
         "(default: a fresh random seed)"})
     stop: tuple[str, ...] = field(default=(), metadata={
-        "help": "strings that end the text (not included in it); may be repeated"})
+        "help": "strings that end the text (not included in it)"})
     stop_at_eos: bool = field(default=True, metadata={
-        "help": "stop at <|endoftext|> (default true)"})
+        "help": "stop at <|endoftext|> (default true)",
+        # The CLI's --ignore-eos and the server's ignore_eos set it to false.
+        "negated": "keep generating past <|endoftext|> (default: stop there)"})
     logprobs: int | None = field(default=None, metadata={
         "help": "also return the log-probability of each chosen token and of the top N "
         "alternatives, N in [0, 20] (default: off)"})
@@ -256,7 +258,7 @@ class LoraConfig:
         "help": "dropout on each adapter's input while training, in [0, 1) (default 0.05)"})
     targets: tuple[str, ...] = field(default=("c_attn",), metadata={
         "help": f"linear layers to adapt, by name: {', '.join(TARGETS)} (c_proj means both); "
-        "may be repeated or comma-separated (default c_attn)"})
+        "names may also be given comma-separated (default c_attn)"})
 
     def __post_init__(self):
         if check_integer("rank", self.rank) < 1:
@@ -265,7 +267,9 @@ class LoraConfig:
             raise OptionError("alpha", f"must be greater than 0, got {self.alpha}")
         if not 0 <= check_finite("dropout", self.dropout) < 1:
             raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
-        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        given = (self.targets,) if isinstance(self.targets, str) else self.targets
+        # "c_attn,c_proj" as one string or as an item of a list (a repeated --lora-targets)
+        targets = [part for t in given for part in (t.split(",") if isinstance(t, str) else [t])]
         targets = tuple(dict.fromkeys(t.strip() if isinstance(t, str) else t for t in targets))
         for t in targets:
             if t not in TARGETS:

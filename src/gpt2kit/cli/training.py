@@ -8,7 +8,7 @@ import sys
 
 from ..config import DataConfig, LoraConfig
 from ..errors import OptionError
-from .flags import add_dataclass_flags, add_model_flags, load_options, options_for
+from .flags import add_dataclass_flags, add_model_flags, build, load_options, options_for
 
 FINETUNE_EXAMPLES = """examples:
   gpt2kit finetune onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
@@ -43,7 +43,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     # both as its one `lora` argument: True (default adapters) or the LoraConfig the flags make.
     switch = options.pop("lora", None)
     lora_options = options_for(LoraConfig, args, prefix="lora_")
-    lora = LoraConfig(**lora_options) if lora_options else switch
+    lora = build(LoraConfig, lora_options, prefix="lora_") if lora_options else switch
     result = finetune(data, args.model, lora=lora, progress=True, **options)
     print(f"{result.status}: {result.steps} steps; model saved in {result.out} "
           f"(gpt2kit generate -m {result.out} ...)", file=sys.stderr)
