@@ -155,6 +155,15 @@ def test_every_generation_option_is_reachable_from_a_request():
     assert {name: getattr(cfg, name) for name in served} == {n: v for n, (_, v) in SERVED_SAMPLES.items()}
 
 
+def test_the_playground_starts_at_the_generation_defaults(url):
+    page = httpx.get(url + "/").text
+    assert "{{" not in page
+    for field in ("temperature", "top_k", "top_p", "n"):
+        default = next(f.default for f in fields(GenerationConfig) if f.name == field)
+        ident = field.replace("_", "-")
+        assert f'id="{ident}" min=' in page and f'value="{default}"' in page.split(f'id="{ident}"')[1].split(">")[0]
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,ctype", [
