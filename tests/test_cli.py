@@ -1,5 +1,6 @@
 """The CLI as a user runs it: real subprocesses, exit codes, one-line errors, output files."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -246,11 +247,63 @@ def test_finetune_help_names_no_file_outside_the_repository():
     (["--learning-rate", "0"], "--learning-rate must be greater than 0"),
     (["--learning-rate", "-1"], "--learning-rate must be greater than 0"),
     (["--lora", "--lora-rank", "0"], "--lora-rank must be at least 1"),
+    (["--lora", "--lora-dropout", "2"], "--lora-dropout must be in [0, 1), got 2.0"),
+    (["--dropout", "2"], "--dropout must be in [0, 1), got 2.0"),
+    (["--lora", "--lora-targets", "c_attn,wte"], "--lora-targets must be among"),
 ])
 def test_finetune_bad_options(flags, fragment, tmp_path, capsys, jokes_csv):
     code = main(["finetune", str(jokes_csv), "--column", "Joke", "--out", str(tmp_path / "r"), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and fragment in lines[-1], lines
+
+
+def test_every_option_error_names_a_flag_the_command_has():
+    """An OptionError's field, shown with flag_of, is a flag of the command whose dataclass raised it."""
+    from gpt2kit.cli import flags, generate, serve, training
+    from gpt2kit.config import DataConfig, GenerationConfig, LoraConfig, option_fields
+    from gpt2kit.server.settings import ServerConfig
+    from gpt2kit.training.config import TrainConfig
+    commands = [(generate.configure_generate, [(GenerationConfig, "")]),
+                (serve.configure_serve, [(ServerConfig, "")]),
+                (training.configure_finetune, [(TrainConfig, ""), (DataConfig, ""), (LoraConfig, "lora_")])]
+    for configure, configs in commands:
+        parser = flags.Parser()
+        configure(parser)
+        have = {name for action in parser._actions for name in action.option_strings}
+        for cls, prefix in configs:
+            wanted = {flags.flag_of(prefix + f.name) for f in option_fields(cls) if f.name != "path"}
+            assert wanted <= have, (cls.__name__, wanted - have)
+
+
+@pytest.mark.parametrize("cls_path", ["gpt2kit.config.GenerationConfig", "gpt2kit.config.DataConfig",
+                                      "gpt2kit.config.LoraConfig", "gpt2kit.training.config.TrainConfig",
+                                      "gpt2kit.server.settings.ServerConfig"])
+def test_the_default_a_help_text_states_is_the_fields_default(cls_path):
+    """--help shows each option's help text: a "(default X)" there must be the dataclass default."""
+    import importlib
+    import re
+
+    from gpt2kit.config import option_fields
+    module, _, name = cls_path.rpartition(".")
+    for f in option_fields(getattr(importlib.import_module(module), name)):
+        stated = re.search(r"\(default:? ([\w.+-]+)", f.metadata["help"])  # its first word
+        if stated is None or f.default is None or isinstance(f.default, type(dataclasses.MISSING)):
+            continue  # no default stated, or one decided at run time (described in words)
+        text, value = stated[1], f.default
+        if isinstance(value, bool):
+            if text in ("on", "off", "true", "false"):  # else described in words
+                assert text in (("on", "true") if value else ("off", "false")), (f.name, text)
+        elif isinstance(value, (int, float)):
+            assert float(text) == value, (f.name, text)
+        else:
+            assert text == (",".join(value) if isinstance(value, tuple) else value), (f.name, text)
+
+
+def test_lora_targets_may_be_repeated_or_comma_separated():
+    from gpt2kit.cli.flags import build
+    from gpt2kit.config import LoraConfig
+    cfg = build(LoraConfig, {"targets": ("c_attn,mlp.c_fc", "c_proj")}, prefix="lora_")
+    assert cfg.targets == ("c_attn", "mlp.c_fc", "c_proj")
 
 
 def test_finetune_bad_data(tmp_path, jokes_csv):

@@ -238,7 +238,6 @@ def test_options_that_do_not_fit_the_format(tmp_path, tok, jokes_csv):
 @pytest.mark.parametrize("options, name", [
     (dict(val_fraction=0.6), "val_fraction"), (dict(val_fraction=-0.1), "val_fraction"),
     (dict(val_fraction=float("nan")), "val_fraction"), (dict(val_fraction=True), "val_fraction"),
-    (dict(block_size=1), "block_size"), (dict(block_size=2.5), "block_size"),
     (dict(encoding="klingon"), "encoding"), (dict(encoding_errors="shrug"), "encoding_errors"),
     (dict(path=""), "path"), (dict(column=""), "column"), (dict(field=3), "field"),
     (dict(line_by_line="yes"), "line_by_line"),
@@ -254,6 +253,15 @@ def test_config_fields_have_help_and_accept_paths(tmp_path):
     assert DataConfig(tmp_path / "x.txt").path == str(tmp_path / "x.txt")
     with pytest.raises(OptionError, match="block_size"):
         prepare_data(DataConfig("x.txt"), Tokenizer.default(), 1)
+
+
+def test_the_block_size_is_a_training_option_only():
+    """DataConfig once had a block_size that nothing read; the run.json of such a run still loads."""
+    assert "block_size" not in {f.name for f in dataclasses.fields(DataConfig)}
+    with pytest.raises(TypeError):
+        DataConfig("x.txt", block_size=64)
+    saved = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name != "path"}
+    assert DataConfig.from_json({**saved, "path": "x.txt", "block_size": None}) == DataConfig("x.txt")
 
 
 # --- text handling ------------------------------------------------------------------------------
@@ -519,6 +527,26 @@ def test_val_file(tmp_path, tok):
     blank_val = write(tmp_path / "blank.csv", "text\n\n")
     with pytest.raises(InputFileError, match=r"no validation text found in .*blank\.csv"):
         prep(tmp_path, tok, path=str(train), val_file=str(blank_val))
+
+
+def test_check_input_fails_fast_on_either_file(tmp_path, jokes_csv):
+    """check_input reads only the first piece of each file, and fails as the full read would."""
+    good = write(tmp_path / "train.csv", "text\n" + "training row\n" * 3)
+    readers.check_input(DataConfig(str(good), val_file=str(good)))
+    blank = write(tmp_path / "blank.csv", "text\n\n")
+    jsonl = write(tmp_path / "rows.jsonl", '{"text": "one"}\n')
+    bad = [
+        (dict(path=str(tmp_path / "missing.txt")), r"data file .*missing\.txt does not exist"),
+        (dict(path=str(good), val_file=str(tmp_path / "gone.csv")), r"validation file .*gone\.csv does not exist"),
+        (dict(path=str(jokes_csv)), "pass --column"),
+        (dict(path=str(jokes_csv), column="Jokes"), "has no column 'Jokes'"),
+        (dict(path=str(jsonl), field="body"), "has no field 'body'"),
+        (dict(path=str(blank)), r"no training text found in .*blank\.csv"),
+        (dict(path=str(good), val_file=str(blank)), r"no validation text found in .*blank\.csv"),
+    ]
+    for options, message in bad:
+        with pytest.raises(InputFileError, match=message):
+            readers.check_input(DataConfig(**options))
 
 
 # --- block size ---------------------------------------------------------------------------------

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 
 import httpx
 import pytest
 import torch
 from server_helpers import running_server
 
+from gpt2kit.config import GenerationConfig
+from gpt2kit.server import completions
 from gpt2kit.server.app import create_app
+from gpt2kit.server.schemas import GENERATION_PARAMS, NOT_SERVED, CompletionRequest
 from gpt2kit.server.settings import ServerConfig
 
 openai = pytest.importorskip("openai")
@@ -132,6 +136,34 @@ def test_models_health_and_openapi(client, url):
     assert request["properties"]["top_k"]["default"] == 50
 
 
+# A non-default value of every GenerationConfig field a request sets: (request value, config value).
+SERVED_SAMPLES = {
+    "max_new_tokens": (5, 5), "min_new_tokens": (2, 2), "temperature": (0.5, 0.5), "top_k": (7, 7),
+    "top_p": (0.9, 0.9), "min_p": (0.1, 0.1), "repetition_penalty": (1.3, 1.3),
+    "presence_penalty": (0.5, 0.5), "frequency_penalty": (0.25, 0.25), "n": (2, 2), "seed": (11, 11),
+    "stop": (["x", "yz"], ("x", "yz")), "stop_at_eos": (True, False), "logprobs": (3, 3)}
+
+
+def test_every_generation_option_is_reachable_from_a_request():
+    """A GenerationConfig field is set by a request field (its own name or a listed rename), or
+    excluded in NOT_SERVED with the reason: a new option cannot be forgotten by the server."""
+    served = [f.name for f in fields(GenerationConfig) if f.name not in NOT_SERVED]
+    assert set(NOT_SERVED) <= {f.name for f in fields(GenerationConfig)}
+    assert sorted(GENERATION_PARAMS) == sorted(served) == sorted(SERVED_SAMPLES)
+    body = {GENERATION_PARAMS[name]: request for name, (request, _) in SERVED_SAMPLES.items()}
+    cfg = completions.generation_config(CompletionRequest(prompt="Hi", **body), [[1, 2]], 64, ServerConfig())
+    assert {name: getattr(cfg, name) for name in served} == {n: v for n, (_, v) in SERVED_SAMPLES.items()}
+
+
+def test_the_playground_starts_at_the_generation_defaults(url):
+    page = httpx.get(url + "/").text
+    assert "{{" not in page
+    for field in ("temperature", "top_k", "top_p", "n"):
+        default = next(f.default for f in fields(GenerationConfig) if f.name == field)
+        ident = field.replace("_", "-")
+        assert f'id="{ident}" min=' in page and f'value="{default}"' in page.split(f'id="{ident}"')[1].split(">")[0]
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,ctype", [
@@ -189,7 +221,7 @@ def test_s7_max_tokens_out_of_range(url, value, words):
     ("temperature", -1), ("temperature", 2.5), ("temperature", "NaN"), ("temperature", "Infinity"),
     ("top_p", 0), ("top_p", 1.0001), ("top_p", -1), ("top_k", -2), ("top_k", 1.5),
     ("presence_penalty", 3), ("frequency_penalty", -2.5), ("min_p", 2), ("repetition_penalty", 0),
-    ("logprobs", 21)])
+    ("logprobs", 21), ("min_tokens", -1)])
 def test_s8_sampling_values_out_of_range(url, field, value):
     literal = value if isinstance(value, str) else json.dumps(value)  # NaN and Infinity as bare literals
     content = f'{{"prompt": "Hi", "max_tokens": 2, "{field}": {literal}}}'.encode()

@@ -112,9 +112,11 @@ class GenerationConfig:
         "help": "random seed; the same prompt, seed and options give the same text "
         "(default: a fresh random seed)"})
     stop: tuple[str, ...] = field(default=(), metadata={
-        "help": "strings that end the text (not included in it); may be repeated"})
+        "help": "strings that end the text (not included in it)"})
     stop_at_eos: bool = field(default=True, metadata={
-        "help": "stop at <|endoftext|> (default true)"})
+        "help": "stop at <|endoftext|> (default true)",
+        # The CLI's --ignore-eos and the server's ignore_eos set it to false.
+        "negated": "keep generating past <|endoftext|> (default: stop there)"})
     logprobs: int | None = field(default=None, metadata={
         "help": "also return the log-probability of each chosen token and of the top N "
         "alternatives, N in [0, 20] (default: off)"})
@@ -186,7 +188,9 @@ ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the training text is and how to read and split it. The CLI builds flags from these fields."""
+    """Where the training text is and how to read and split it. The CLI builds flags from these
+    fields. How long a block is belongs to training (TrainConfig.block_size): it depends on the
+    model's context, and resuming checks it."""
 
     path: str = _field(metadata={
         "help": "training text: a .txt file, a .csv/.tsv file, a .jsonl file or a folder of .txt files"})
@@ -206,8 +210,6 @@ class DataConfig:
         "(default 0.05; ignored with --val-file)"})
     val_file: str | None = _field(default=None, metadata={
         "help": "validation data, read like the training data (default: hold out --val-fraction)"})
-    block_size: int | None = _field(default=None, metadata={
-        "help": "tokens per training block (default: the model's context)"})
     cache_dir: str | None = _field(default=None, metadata={
         "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
 
@@ -231,9 +233,13 @@ class DataConfig:
         v = self.val_fraction
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 0.5):
             raise OptionError("val_fraction", f"must be a number in [0, 0.5], got {v!r}")
-        b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-            raise OptionError("block_size", f"must be an integer of at least 2, got {b!r}")
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "DataConfig":
+        """The DataConfig a run.json recorded. Runs saved before block_size left DataConfig (issue
+        14: it was validated but never read; TrainConfig.block_size is the one training uses)
+        still record it, so it is dropped here."""
+        return cls(**{name: value for name, value in saved.items() if name != "block_size"})
 
 
 # Linear layers LoRA can adapt (module-name suffixes in GPT; "c_proj" means both projections).
@@ -252,7 +258,7 @@ class LoraConfig:
         "help": "dropout on each adapter's input while training, in [0, 1) (default 0.05)"})
     targets: tuple[str, ...] = field(default=("c_attn",), metadata={
         "help": f"linear layers to adapt, by name: {', '.join(TARGETS)} (c_proj means both); "
-        "may be repeated or comma-separated (default c_attn)"})
+        "names may also be given comma-separated (default c_attn)"})
 
     def __post_init__(self):
         if check_integer("rank", self.rank) < 1:
@@ -261,7 +267,9 @@ class LoraConfig:
             raise OptionError("alpha", f"must be greater than 0, got {self.alpha}")
         if not 0 <= check_finite("dropout", self.dropout) < 1:
             raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
-        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        given = (self.targets,) if isinstance(self.targets, str) else self.targets
+        # "c_attn,c_proj" as one string or as an item of a list (a repeated --lora-targets)
+        targets = [part for t in given for part in (t.split(",") if isinstance(t, str) else [t])]
         targets = tuple(dict.fromkeys(t.strip() if isinstance(t, str) else t for t in targets))
         for t in targets:
             if t not in TARGETS:

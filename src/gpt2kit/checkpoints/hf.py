@@ -9,17 +9,14 @@ as (in, out) while our nn.Linear holds (out, in). The original openai-community/
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..atomic import fsync_tree
+from ..atomic import atomic_folder
 from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, OptionError
 from ..model import GPT
@@ -272,31 +269,24 @@ def save_hf(model: GPT, folder: str | Path, *, tokenizer=None,
     generation_config.json, and the tokenizer's files when `tokenizer` is given) that
     transformers' GPT2LMHeadModel.from_pretrained loads.
 
-    Atomic: everything is written into a hidden folder beside `folder` and renamed into place at
-    the end, so an interrupted save leaves either the previous folder or none, never half of one.
+    Atomic (atomic.atomic_folder): everything is written into a hidden folder beside `folder` and
+    renamed into place at the end, so an interrupted save leaves the previous folder (or none),
+    never half of one.
     """
     final = Path(folder).expanduser().absolute()
     _check_replaceable(final)
-    tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
     dtype = next(model.parameters()).dtype
+    eot = _eot(model.config)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        _write_json(tmp / "config.json", hf_config(model.config, dtype))
-        save_safetensors(hf_state_dict(model), tmp / "model.safetensors")
-        _write_json(tmp / "generation_config.json",
-                    {"bos_token_id": _eot(model.config), "eos_token_id": _eot(model.config),
-                     **(generation_config or {})})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        fsync_tree(tmp)
-        _move_into_place(tmp, final)
+        with atomic_folder(final) as tmp:
+            _write_json(tmp / "config.json", hf_config(model.config, dtype))
+            save_safetensors(hf_state_dict(model), tmp / "model.safetensors")
+            _write_json(tmp / "generation_config.json",
+                        {"bos_token_id": eot, "eos_token_id": eot, **(generation_config or {})})
+            if tokenizer is not None:
+                tokenizer.save(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not save the model to {final}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -306,21 +296,6 @@ def _check_replaceable(final: Path) -> None:
     if final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file():
         raise CheckpointError(f"cannot save the model to {final}: the folder holds other files and "
                               "no config.json; choose a new or empty folder")
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing model folder is moved aside first, then deleted."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

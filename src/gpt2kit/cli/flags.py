@@ -6,15 +6,10 @@ import argparse
 from dataclasses import fields
 
 from ..config import QUANTIZE, GenerationConfig, option_fields
+from ..errors import OptionError
 
 # Fields whose flag is not simply --field-name (the CLI keeps the names users know).
-
-
 FLAGS = {"n": ("-n", "--num-samples"), "stop_at_eos": ("--ignore-eos",)}
-# OptionError fields that only LoRA's options have, shown with the CLI's --lora- prefix.
-
-
-ERROR_FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,10 +19,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
-def flag_of(field_name: str) -> str:
-    if field_name in ERROR_FLAGS:
-        return ERROR_FLAGS[field_name]
-    return FLAGS.get(field_name, ("--" + field_name.replace("_", "-"),))[-1]
+def flag_names(dest: str) -> tuple[str, ...]:
+    """The flags of a field (its `dest`: the field's name, with the prefix its flags were given)."""
+    return FLAGS.get(dest, ("--" + dest.replace("_", "-"),))
+
+
+def flag_of(dest: str) -> str:
+    """The flag errors name: the long one."""
+    return flag_names(dest)[-1]
 
 
 SCALARS = {"int": int, "float": float, "str": str}
@@ -42,11 +41,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         if f.name in skip:
             continue
         dest = prefix + f.name
-        names = FLAGS.get(dest, ("--" + dest.replace("_", "-"),))
+        names = flag_names(dest)
         kind = str(f.type).replace(" | None", "")
-        if f.name == "stop_at_eos":
+        if "negated" in f.metadata:  # a flag that turns the option off (--ignore-eos)
             group.add_argument(*names, dest=dest, action="store_false", default=None,
-                               help="keep generating past <|endoftext|> (default: stop there)")
+                               help=f.metadata["negated"])
         elif kind == "bool":
             group.add_argument(*names, dest=dest, action="store_true", default=None, help=f.metadata["help"])
         elif kind.startswith("tuple"):
@@ -61,6 +60,16 @@ def options_for(cls, args: argparse.Namespace, prefix: str = "") -> dict:
     """The fields of `cls` given on the command line (flags left unset are omitted)."""
     return {f.name: tuple(v) if isinstance(v, list) else v
             for f in fields(cls) if (v := getattr(args, prefix + f.name, None)) is not None}
+
+
+def build(cls, options: dict, prefix: str = ""):
+    """`cls(**options)` for flags added with `prefix`: an OptionError then names the field as its
+    flag is named, so LoraConfig's `dropout` is reported as --lora-dropout, not as TrainConfig's
+    --dropout (the field name alone cannot tell which option was meant)."""
+    try:
+        return cls(**options)
+    except OptionError as e:
+        raise OptionError(prefix + e.field, e.problem) from None
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

@@ -8,7 +8,7 @@ import sys
 
 from ..config import DataConfig, LoraConfig
 from ..errors import OptionError
-from .flags import add_dataclass_flags, add_model_flags, load_options, options_for
+from .flags import add_dataclass_flags, add_model_flags, build, load_options, options_for
 
 FINETUNE_EXAMPLES = """examples:
   gpt2kit finetune onelinefun.csv --column Joke -m gpt2 --out runs/jokes --epochs 10
@@ -27,7 +27,7 @@ def configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="model to start from: hub id, folder or weights "
                    "file (default gpt2; with --resume, the run's)")
     add_dataclass_flags(p, TrainConfig, "training options")
-    add_dataclass_flags(p, DataConfig, "data options", skip=("path", "block_size"))
+    add_dataclass_flags(p, DataConfig, "data options", skip=("path",))
     add_dataclass_flags(p, LoraConfig, "LoRA options (with --lora)", prefix="lora_")
 
 
@@ -43,14 +43,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     # both as its one `lora` argument: True (default adapters) or the LoraConfig the flags make.
     switch = options.pop("lora", None)
     lora_options = options_for(LoraConfig, args, prefix="lora_")
-    lora = LoraConfig(**lora_options) if lora_options else switch
+    lora = build(LoraConfig, lora_options, prefix="lora_") if lora_options else switch
     result = finetune(data, args.model, lora=lora, progress=True, **options)
     print(f"{result.status}: {result.steps} steps; model saved in {result.out} "
           f"(gpt2kit generate -m {result.out} ...)", file=sys.stderr)
     return 0
 
 
-READ_ONLY_DATA = ("path", "val_fraction", "val_file", "block_size", "cache_dir")
+READ_ONLY_DATA = ("path", "val_fraction", "val_file", "cache_dir")
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import atomic_folder
 from ..config import DataConfig
 from ..errors import InputFileError, OptionError
 from .blocks import TokenBlocks
-from .readers import check_options, existing_path, file_kind, folder_files, open_text, pieces
+from .readers import check_options, existing_path, file_kind, folder_files, input_paths, open_text, pieces
 
 CACHE_VERSION = 1  # bump when the token files or manifest change meaning
 BATCH_CHARS = 1 << 17  # characters per encode_batch call: bounds the Python lists of ids
@@ -69,7 +69,7 @@ def prepare_data(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0,
     input fails here, fast."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise OptionError("block_size", f"must be an integer of at least 2, got {block_size!r}")
-    sources = [existing_path(cfg.path)] + ([existing_path(cfg.val_file, "validation file")] if cfg.val_file else [])
+    sources = input_paths(cfg)
     for source in sources:
         check_options(cfg, source)
     fingerprint = _fingerprint(cfg, tokenizer, seed, sources)
@@ -146,33 +146,29 @@ def _in_val(seed: int, index: int, fraction: float) -> bool:
 
 
 def _build(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], folder: Path, progress: bool) -> dict:
-    """Tokenize into a temporary folder beside `folder`, then rename it into place (atomic: an
-    interrupted run leaves no entry, and `_read_manifest` rejects one whose files are short)."""
+    """Tokenize into a hidden folder beside `folder`, then rename it into place (atomic.py: an
+    interrupted run leaves no entry). A complete entry another run published meanwhile is kept."""
     dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
-    tmp, files = None, []
+    files: list[_TokenFile] = []
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.partial-", dir=folder.parent))
-        train, val = files = [_TokenFile(tmp / "train.bin", dtype), _TokenFile(tmp / "val.bin", dtype)]
-        _tokenize_sources(cfg, tokenizer, seed, sources, train, val, progress)
-        train.close()
-        val.close()
-        notes = _balance(cfg, train, val, sources)
-        manifest = {"version": CACHE_VERSION, "dtype": dtype, "train_tokens": train.tokens,
-                    "val_tokens": val.tokens, "documents": train.documents,
-                    "val_documents": val.documents, "notes": notes}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _move_into_place(tmp, folder)
-        return manifest
+        with atomic_folder(folder, keep=lambda entry: _read_manifest(entry) is not None) as tmp:
+            train, val = files = [_TokenFile(tmp / "train.bin", dtype), _TokenFile(tmp / "val.bin", dtype)]
+            _tokenize_sources(cfg, tokenizer, seed, sources, train, val, progress)
+            train.close()
+            val.close()
+            notes = _balance(cfg, train, val, sources)
+            manifest = {"version": CACHE_VERSION, "dtype": dtype, "train_tokens": train.tokens,
+                        "val_tokens": val.tokens, "documents": train.documents,
+                        "val_documents": val.documents, "notes": notes}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException as e:
         for f in files:
             f.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # reading errors are InputFileError already
             raise OptionError("cache_dir", f"folder {folder.parent} cannot be written ({e.strerror or e}); "
                               "free some space or choose another folder") from None
         raise
+    return manifest
 
 
 def _tokenize_sources(cfg: DataConfig, tokenizer, seed: int, sources: list[Path], train: _TokenFile,
@@ -213,17 +209,6 @@ def _move_last_document(src: _TokenFile, dst: _TokenFile) -> None:
     moved = src.tokens - src.last_start
     src.tokens, dst.tokens = src.last_start, dst.tokens + moved
     src.documents, dst.documents = src.documents - 1, dst.documents + 1
-
-
-def _move_into_place(tmp: Path, folder: Path) -> None:
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # the folder exists: a concurrent run finished first, or a broken entry
-        if _read_manifest(folder) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
 
 
 def _read_manifest(folder: Path) -> dict | None:

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputFileError, OptionError
 
-if TYPE_CHECKING:  # annotations only: prepare.py imports this module, so no import back at run time
+if TYPE_CHECKING:  # annotations only
     from tqdm import tqdm
 
-    from .prepare import DataConfig
+    from ..config import DataConfig
 
 
 CHUNK_BYTES = 1 << 18  # read size
@@ -53,6 +53,20 @@ def existing_path(path: str, what: str = "data file") -> Path:
     if not p.exists():
         raise InputFileError(f"{what} {p} does not exist")
     return p
+
+
+def input_paths(cfg: DataConfig) -> list[Path]:
+    """The training data, then the validation file if there is one; each must exist."""
+    return [existing_path(cfg.path)] + ([existing_path(cfg.val_file, "validation file")] if cfg.val_file else [])
+
+
+def check_input(cfg: DataConfig) -> None:
+    """Fail fast, before a model is loaded or a token is cut, on a missing file, a wrong --column or
+    --field, or no text at all, in the training or the validation data: a mistake costs seconds,
+    not a model download. Reading the first piece of text runs every check a full read would."""
+    for path, what in zip(input_paths(cfg), ("training", "validation")):
+        if next(pieces(cfg, path), None) is None:
+            raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
 
 
 def check_options(cfg: DataConfig, path: Path) -> None:

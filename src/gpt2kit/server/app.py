@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from importlib import resources
 from typing import AsyncIterator
 
@@ -18,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..api import Model
+from ..config import GenerationConfig
 from ..inference.generate import Completion
 from . import completions, errors
 from .completions import Plan
@@ -48,9 +50,11 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     errors.install(app)
     auth = [Depends(bearer_check(settings.api_key))]
 
+    page = playground_page()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> str:
-        return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+        return page
 
     @app.get("/health")
     async def health() -> dict:
@@ -78,6 +82,15 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
         return completions.response(plan, done, model, echoes)
 
     return app
+
+
+def playground_page() -> str:
+    """static/index.html with its {{field}} marks replaced by GenerationConfig's defaults, so the
+    page's sliders start where the API does without repeating its numbers."""
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    for f in fields(GenerationConfig):
+        page = page.replace("{{" + f.name + "}}", str(f.default))
+    return page
 
 
 def bearer_check(api_key: str | None):

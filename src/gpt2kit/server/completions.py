@@ -16,7 +16,7 @@ from ..config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ..errors import Gpt2kitError
 from ..inference.generate import Completion, Row, TokenLogprob, make_rows, token_logprob
 from .errors import APIError, from_gpt2kit
-from .schemas import Choice, CompletionRequest, Logprobs, Usage
+from .schemas import GENERATION_PARAMS, Choice, CompletionRequest, Logprobs, Usage
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
 
@@ -100,12 +100,11 @@ def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: i
     if len(stop) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stop):
         raise APIError(400, f"stop takes at most {settings.max_stop} strings of at most "
                        f"{settings.max_stop_chars} characters", param="stop")
-    cfg = GenerationConfig(
-        max_new_tokens=_max_tokens(req, longest, n_ctx, settings), temperature=req.temperature,
-        top_k=req.top_k, top_p=req.top_p, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, n=req.n,
-        seed=req.seed, stop=tuple(stop), stop_at_eos=not req.ignore_eos, min_new_tokens=req.min_tokens,
-        logprobs=req.logprobs)
+    # Every served option by its request name (schemas.GENERATION_PARAMS), then the three that
+    # need more than a copy: max_tokens checked against the room, stop as a tuple, ignore_eos negated.
+    options = {name: getattr(req, param) for name, param in GENERATION_PARAMS.items()}
+    cfg = GenerationConfig(**{**options, "max_new_tokens": _max_tokens(req, longest, n_ctx, settings),
+                              "stop": tuple(stop), "stop_at_eos": not req.ignore_eos})
     if cfg.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} on this server, got {cfg.n}", param="n")
     total = cfg.max_new_tokens * cfg.n * len(prompts)

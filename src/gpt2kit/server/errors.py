@@ -14,9 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Gpt2kitError, OptionError, PromptTooLong, TokenizerError
+from .schemas import GENERATION_PARAMS
 
-# GenerationConfig fields that the OpenAI API calls something else.
-PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          413: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "overloaded_error"}
 
@@ -42,7 +41,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 def from_gpt2kit(e: Gpt2kitError) -> APIError:
     """Our typed exceptions as HTTP errors: bad options and prompts are the client's (400)."""
     if isinstance(e, OptionError):
-        param = PARAM_NAMES.get(e.field, e.field)
+        param = GENERATION_PARAMS.get(e.field, e.field)  # GenerationConfig's name -> the request's
         return APIError(400, f"{param} {e.problem}", param=param)
     if isinstance(e, PromptTooLong):
         return APIError(400, str(e), param="prompt", code="context_length_exceeded")

@@ -1,9 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Types are strict (`"max_tokens": "ten"` or `true` is an error, never coerced) and unknown fields
-are ignored, as OpenAI's API does. Defaults and ranges are not repeated here: the sampling fields
-take their defaults from `GenerationConfig`, which also checks their values, so the CLI, the
-Python API and the server cannot drift apart. The responses document the shapes in /openapi.json.
+are ignored, as OpenAI's API does. Defaults, ranges and descriptions are not repeated here: the
+sampling fields take them from `GenerationConfig` (which also checks the values) and the limits
+from `ServerConfig`, so the CLI, the Python API and the server cannot drift apart. The responses
+document the shapes in /openapi.json.
 """
 
 from __future__ import annotations
@@ -14,12 +15,26 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import GenerationConfig
+from .settings import ServerConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(GenerationConfig)}
+_HELP = {f.name: f.metadata["help"] for f in fields(GenerationConfig)}
+_NEGATED = {f.name: f.metadata["negated"] for f in fields(GenerationConfig) if "negated" in f.metadata}
+
+# GenerationConfig fields a request names otherwise: OpenAI's max_tokens, and vLLM's min_tokens
+# and ignore_eos (the negation of stop_at_eos).
+RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_at_eos": "ignore_eos"}
+# GenerationConfig fields no request sets, with the reason.
+NOT_SERVED = {"max_length": "OpenAI's max_tokens counts generated tokens only; the prompt's length "
+              "plus max_tokens is that total"}
+# Every other GenerationConfig field -> the request field that sets it (and that errors name).
+GENERATION_PARAMS = {f.name: RENAMED.get(f.name, f.name) for f in fields(GenerationConfig)
+                     if f.name not in NOT_SERVED}
 
 
-def _option(name: str, description: str):
-    return Field(default=_DEFAULTS[name], description=description)
+def _option(name: str):
+    """A sampling field: GenerationConfig's default and description."""
+    return Field(default=_DEFAULTS[name], description=_HELP[name])
 
 
 class StreamOptions(BaseModel):
@@ -38,23 +53,26 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, description=(
         f"tokens to generate per choice (default {_DEFAULTS['max_new_tokens']}, or what is left of "
         "the context window if that is less)"))
-    temperature: float = _option("temperature", "in [0, 2]; 0 is greedy decoding")
-    top_p: float = _option("top_p", "nucleus sampling, in (0, 1]")
-    n: int = _option("n", "choices per prompt")
-    stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end a choice")
+    temperature: float = _option("temperature")
+    top_p: float = _option("top_p")
+    n: int = _option("n")
+    stop: str | list[str] | None = Field(default=None, description=(
+        f"{_HELP['stop']}; at most max_stop of them, each at most max_stop_chars characters long "
+        f"(server settings; default {ServerConfig.max_stop} and {ServerConfig.max_stop_chars})"))
     stream: bool = Field(default=False, description="send server-sent events as text is generated")
     stream_options: StreamOptions | None = None
-    seed: int | None = _option("seed", "same seed, prompt and options give the same text")
-    logprobs: int | None = _option("logprobs", "log-probabilities of the top N tokens, N in [0, 20]")
+    seed: int | None = _option("seed")
+    logprobs: int | None = _option("logprobs")
     echo: bool = Field(default=False, description="put the prompt before the generated text")
-    presence_penalty: float = _option("presence_penalty", "in [-2, 2]")
-    frequency_penalty: float = _option("frequency_penalty", "in [-2, 2]")
+    presence_penalty: float = _option("presence_penalty")
+    frequency_penalty: float = _option("frequency_penalty")
     user: str | None = Field(default=None, description="accepted and ignored")
-    top_k: int = _option("top_k", "sample from the k most likely tokens; 0 disables")
-    min_p: float = _option("min_p", "in [0, 1]; 0 disables")
-    repetition_penalty: float = _option("repetition_penalty", "CTRL's penalty; 1 disables")
-    min_tokens: int = Field(default=0, description="suppress the end-of-text token until this many tokens")
-    ignore_eos: bool = Field(default=False, description="keep generating past <|endoftext|>")
+    top_k: int = _option("top_k")
+    min_p: float = _option("min_p")
+    repetition_penalty: float = _option("repetition_penalty")
+    min_tokens: int = Field(default=_DEFAULTS["min_new_tokens"], description=_HELP["min_new_tokens"])
+    ignore_eos: bool = Field(default=not _DEFAULTS["stop_at_eos"],
+                             description=_NEGATED["stop_at_eos"])
     slide: bool = Field(default=False, description=(
         "allow prompt + max_tokens beyond the context window: the window slides over the text"))
     best_of: int | None = Field(default=None, description="not supported beyond 1")

@@ -30,13 +30,13 @@ import pickle
 import random
 import re
 import shutil
-import uuid
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import fsync_tree, write_atomically
+from ..atomic import atomic_folder, remove_folder, remove_stale, write_atomically
 from ..errors import CheckpointError, Gpt2kitError
 
 RUN_FILE, METRICS, SAMPLES, PLOT = "run.json", "metrics.jsonl", "samples.jsonl", "loss.png"
@@ -107,26 +107,16 @@ class Run:
         the model or adapter files. On any write error the partial folder is removed and a
         one-line RunFolderError names the path, the free space and the last good checkpoint."""
         final = self.checkpoints / f"step-{step:07d}"
-        tmp = self.checkpoints / f".step-{step:07d}.partial-{uuid.uuid4().hex[:8]}"
         previous = self.latest()
         try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            write_model(tmp)
-            tmp.mkdir(exist_ok=True)
-            write_tensors(optimizer_state, tmp / OPTIMIZER)
-            write_tensors(rng, tmp / RNG)
-            write_json(tmp / STATE, state)
-            (tmp / COMPLETE).write_text(f"step {step}\n")  # last: its presence vouches for the rest
-            fsync_tree(tmp)
-            if final.exists():
-                _remove(final)
-            os.replace(tmp, final)
+            with atomic_folder(final) as tmp:
+                write_model(tmp)
+                write_tensors(optimizer_state, tmp / OPTIMIZER)
+                write_tensors(rng, tmp / RNG)
+                write_json(tmp / STATE, state)
+                (tmp / COMPLETE).write_text(f"step {step}\n")  # last: its presence vouches for the rest
         except (OSError, CheckpointError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise self._save_error(final, e, previous) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def _save_error(self, final: Path, e: Exception, previous: Path | None) -> RunFolderError:
@@ -146,28 +136,23 @@ class Run:
         for src in sorted(folder.iterdir(), key=lambda p: p.name in WEIGHTS):  # weights last
             if src.name in TRAINER_FILES or not src.is_file():
                 continue
-            tmp = self.path / f".{src.name}.partial-{uuid.uuid4().hex[:8]}"
+            place = partial(os.replace if move else _link_or_copy, src)
             try:
-                if move:
-                    os.replace(src, tmp)
-                else:
-                    _link_or_copy(src, tmp)
-                os.replace(tmp, self.path / src.name)
+                write_atomically(self.path / src.name, place)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise RunFolderError(f"could not update {self.path / src.name}: {e.strerror or e}") from None
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` complete checkpoints, and stale partial folders."""
         complete = [p for _, p in self.step_dirs() if not missing_files(p)]
         for folder in complete[:-keep]:
-            _remove(folder)
+            remove_folder(folder)
         self.remove_partials()
 
     def remove_partials(self) -> None:
-        if self.checkpoints.is_dir():
-            for p in self.checkpoints.glob(".step-*.partial-*"):
-                shutil.rmtree(p, ignore_errors=True)
+        """What a killed save left behind (atomic.remove_stale); only rank 0 writes here."""
+        remove_stale(self.checkpoints)
+        remove_stale(self.path)
 
     # ---- logs -----------------------------------------------------------------------------
 
@@ -220,13 +205,6 @@ def missing_files(folder: Path) -> list[str]:
     if not any((folder / name).is_file() for name in WEIGHTS):
         missing.append(" or ".join(WEIGHTS))
     return missing
-
-
-def _remove(folder: Path) -> None:
-    """Delete a folder by renaming it to a hidden name first, so it never looks half-deleted."""
-    trash = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
