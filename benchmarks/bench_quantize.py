@@ -40,7 +40,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            data = gpt2kit.DataConfig(path=str(JOKES), column="Joke", block_size=64)
+            data = gpt2kit.DataConfig(path=str(JOKES), column="Joke")  # blocks of the full context, as in RESULTS.md
             result = gpt2kit.finetune(data, out=str(Path(tmp) / "run"), from_scratch=True, size=args.size,
                                       batch_size=8, max_steps=args.steps, learning_rate=2e-3,
                                       eval_batches=4, sample_every=0, device="cpu", progress=True)
