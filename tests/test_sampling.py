@@ -76,10 +76,12 @@ def test_temperature_zero_is_greedy():
 
 
 def test_sample_respects_filters_and_per_row_generators():
-    logits = torch.tensor([[0.0, 0.0, 10.0, 0.0]]).repeat(2, 1)
-    cfg = GenerationConfig(top_k=1)
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    assert sampling.choose(logits, cfg, gens).tolist() == [2, 2]
+    # Token 2 leads only slightly: unfiltered, 32 rows would draw it every time with odds of 1e-18.
+    logits = torch.tensor([[1.0, 1.0, 1.1, 1.0]]).repeat(32, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    assert sampling.choose(logits, GenerationConfig(top_k=1), gens).tolist() == [2] * 32
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    assert set(sampling.choose(logits, GenerationConfig(top_k=0), gens).tolist()) == {0, 1, 2, 3}
 
 
 def test_sample_distribution_matches_probabilities():
@@ -91,11 +93,13 @@ def test_sample_distribution_matches_probabilities():
 
 
 def test_row_draws_do_not_depend_on_other_rows():
-    logits = torch.randn(1, 50)
-    alone = sampling.sample(logits, [torch.Generator().manual_seed(7)])
-    batch = torch.cat([torch.randn(2, 50), logits])
-    together = sampling.sample(batch, [torch.Generator().manual_seed(s) for s in (1, 2, 7)])
-    assert together[2] == alone[0]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 50, generator=g)
+    alone = [sampling.sample(logits[i:i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(8)]
+    batch = torch.cat([torch.randn(3, 50, generator=g), logits])  # other rows first, with their own seeds
+    together = sampling.sample(batch, [torch.Generator().manual_seed(s) for s in [1, 2, 3, *range(100, 108)]])
+    assert together[3:].tolist() == alone
+    assert alone != logits.argmax(-1).tolist()  # these are draws, not the argmax
 
 
 def test_process_order_and_no_mutation():
@@ -105,6 +109,14 @@ def test_process_order_and_no_mutation():
     assert torch.equal(logits, before)
     assert kept(out) == {2, 3}
     assert math.isclose(out[0, 3].item(), 8.0)
+    # Temperature comes before top-p: sharpened, probabilities 0.5, 0.3, 0.15, 0.05 become 0.69,
+    # 0.25, 0.06, 0.01, so p = 0.9 keeps two tokens (top-p first would keep three).
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert kept(sampling.process(probs.log(), GenerationConfig(temperature=0.5, top_k=0, top_p=0.9))) == {0, 1}
+    # Penalties come before temperature: (x - 1) / 0.5, not x / 0.5 - 1.
+    out = sampling.process(torch.zeros(1, 2), GenerationConfig(temperature=0.5, top_k=0, presence_penalty=1.0),
+                           counts=torch.tensor([[1.0, 0.0]]))
+    assert out.tolist() == [[-2.0, 0.0]]
 
 
 @pytest.mark.parametrize("options, field", [
@@ -120,3 +132,4 @@ def test_config_rejects_bad_values(options, field):
     with pytest.raises(OptionError) as e:
         GenerationConfig(**options)
     assert e.value.field == field
+
