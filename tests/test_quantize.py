@@ -99,13 +99,19 @@ def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_cs
     the issue's measurement (>= 95% on a larger model trained longer) is
     benchmarks/bench_quantize.py, in RESULTS.md."""
     tiny_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=128).save_pretrained(tmp_path / "init")
-    data = gpt2kit.DataConfig(path=str(jokes_csv), column="Joke", block_size=64)
-    run = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), batch_size=8,
-                           max_steps=120, learning_rate=3e-3, eval_batches=1, sample_every=0,
-                           device="cpu", progress=False).out
+    data = gpt2kit.DataConfig(path=str(jokes_csv), column="Joke")
+    result = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), block_size=64,
+                              batch_size=8, max_steps=240, learning_rate=3e-3, eval_batches=1,
+                              sample_every=0, device="cpu", progress=False)
+    assert result.summary["block_size"] == 64  # a training option: DataConfig has no say in it
     with open(jokes_csv, newline="", encoding="utf-8") as f:
         jokes = [row["Joke"] for row in csv.DictReader(f)][-30:]
     prompts = [" ".join(joke.split()[:3]) for joke in jokes]
-    report = compare(gpt2kit.load(run, device="cpu"), gpt2kit.load(run, device="cpu", quantize="int8"), prompts, 24)
-    assert report.token_agreement >= 0.85, report  # 0.94-0.95 measured; a broken kernel gives < 0.3
-    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.002
+    reference = gpt2kit.load(result.out, device="cpu")
+    # Trained too little (120 steps here), greedy decoding repeats one word ("the the the ..."),
+    # which any perturbation leaves alone: the agreement below would then prove nothing.
+    continuations = reference.complete(prompts, max_new_tokens=24, temperature=0, stop_at_eos=False)
+    assert min(len(set(c.token_ids)) for c in continuations) >= 8  # measured 14; undertrained: 1
+    report = compare(reference, gpt2kit.load(result.out, device="cpu", quantize="int8"), prompts, 24)
+    assert report.token_agreement >= 0.85, report  # 0.95 measured; a broken kernel gives < 0.3
+    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.0053 of the std
