@@ -46,8 +46,9 @@ def test_top_p_always_keeps_the_top_token_and_works_unsorted():
 
 
 def test_min_p_relative_to_top_token():
-    probs = torch.tensor([[0.6, 0.3, 0.06, 0.04]])
-    assert kept(sampling.min_p(probs.log(), 0.1)) == {0, 1}  # threshold 0.06
+    probs = torch.tensor([[0.6, 0.3, 0.065, 0.035]])
+    assert kept(sampling.min_p(probs.log(), 0.1)) == {0, 1, 2}  # threshold 0.06, not 0.1
+    assert kept(sampling.min_p(probs.log(), 0.2)) == {0, 1}  # threshold 0.12
     assert kept(sampling.min_p(probs.log(), 0.0)) == {0, 1, 2, 3}
 
 
