@@ -4,6 +4,7 @@ model against its float32 self, a trained-then-quantized model's greedy agreemen
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from gpt2kit.quantize import compare
 
 
 def test_per_row_quantization_error_is_at_most_half_a_step():
-    w = torch.randn(64, 48)
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     w[3] = 0  # an all-zero row gets a tiny scale, not a division by zero
     q, scale = quantize_rows(w)
     assert q.dtype == torch.int8 and scale.shape == (64,)
@@ -26,19 +27,32 @@ def test_per_row_quantization_error_is_at_most_half_a_step():
     assert q[3].eq(0).all() and q.abs().max() == 127
 
 
+def inductor_compiler() -> str | None:
+    """The C++ compiler torch.compile's Inductor looks for on CPU ($CXX, else g++; clang++ on
+    macOS), if one is installed."""
+    from torch._inductor import config
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    return next((path for path in map(shutil.which, filter(None, names)) if path), None)
+
+
 @pytest.mark.parametrize("rows", [1, 3, FUSED_MAX_ROWS + 5])  # the fused kernel, then dequantize + matmul
 def test_int8_matmul_equals_the_dequantized_product(rows):
-    q, scale = quantize_rows(torch.randn(96, 80))
-    x = torch.randn(rows, 80)
+    fused = rows <= FUSED_MAX_ROWS
+    if fused and inductor_compiler() is None:  # the fallback would only be compared with its own formula
+        pytest.skip("no C++ compiler for torch.compile's Inductor: the fused int8 kernel cannot be built")
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(96, 80, generator=g))
+    x = torch.randn(rows, 80, generator=g)
     expected = F.linear(x, q.float() * scale[:, None])
     products = Int8Products()
     assert torch.allclose(products(x, q, scale), expected, atol=1e-4, rtol=1e-4)
-    assert products.last == ("fused" if rows <= FUSED_MAX_ROWS else "dequantized")  # the path named
+    assert products.last == ("fused" if fused else "dequantized")  # the path that ran, not just the numbers
 
 
 def test_int8_matmul_in_bfloat16():
-    q, scale = quantize_rows(torch.randn(96, 80))
-    x = torch.randn(2, 80)
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(96, 80, generator=g))
+    x = torch.randn(2, 80, generator=g)
     y = Int8Products()(x.bfloat16(), q, scale.bfloat16())
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), F.linear(x, q.float() * scale[:, None]), atol=0.1, rtol=0.02)
@@ -51,11 +65,13 @@ def test_loaded_int8_model_is_close_to_float32(tiny_folder, tiny_model):
     assert isinstance(int8.module.transformer.wte, Int8Embedding)
     assert int8.module.lm_head.weight is int8.module.transformer.wte.weight  # still tied, one int8 copy
     assert int8.info()["quantize"] == "int8" and int8.info()["parameters"] == tiny_model.info()["parameters"]
-    ids = torch.randint(0, 50257, (2, 20))
+    ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
     expected, got = tiny_model.logits(ids), int8.logits(ids)
     assert (got - expected).abs().max() < 0.05 * expected.std()
     # decoding (one row at a time: the fused kernel) agrees with the full forward pass
     completion = int8.complete("Hello there", max_new_tokens=6, temperature=0, stop_at_eos=False)[0]
+    if inductor_compiler() is not None:
+        assert blocks[0].mlp.c_fc.products.last == "fused"
     prompt = int8.tokenizer.encode("Hello there")
     logits = int8.logits(prompt + completion.token_ids)[0, len(prompt) - 1:-1]
     assert logits.argmax(-1).tolist() == completion.token_ids
@@ -83,13 +99,19 @@ def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_cs
     the issue's measurement (>= 95% on a larger model trained longer) is
     benchmarks/bench_quantize.py, in RESULTS.md."""
     tiny_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=128).save_pretrained(tmp_path / "init")
-    data = gpt2kit.DataConfig(path=str(jokes_csv), column="Joke", block_size=64)
-    run = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), batch_size=8,
-                           max_steps=120, learning_rate=3e-3, eval_batches=1, sample_every=0,
-                           device="cpu", progress=False).out
+    data = gpt2kit.DataConfig(path=str(jokes_csv), column="Joke")
+    result = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), block_size=64,
+                              batch_size=8, max_steps=240, learning_rate=3e-3, eval_batches=1,
+                              sample_every=0, device="cpu", progress=False)
+    assert result.summary["block_size"] == 64  # a training option: DataConfig has no say in it
     with open(jokes_csv, newline="", encoding="utf-8") as f:
         jokes = [row["Joke"] for row in csv.DictReader(f)][-30:]
     prompts = [" ".join(joke.split()[:3]) for joke in jokes]
-    report = compare(gpt2kit.load(run, device="cpu"), gpt2kit.load(run, device="cpu", quantize="int8"), prompts, 24)
-    assert report.token_agreement >= 0.85, report  # 0.94-0.95 measured; a broken kernel gives < 0.3
-    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.002
+    reference = gpt2kit.load(result.out, device="cpu")
+    # Trained too little (120 steps here), greedy decoding repeats one word ("the the the ..."),
+    # which any perturbation leaves alone: the agreement below would then prove nothing.
+    continuations = reference.complete(prompts, max_new_tokens=24, temperature=0, stop_at_eos=False)
+    assert min(len(set(c.token_ids)) for c in continuations) >= 8  # measured 14; undertrained: 1
+    report = compare(reference, gpt2kit.load(result.out, device="cpu", quantize="int8"), prompts, 24)
+    assert report.token_agreement >= 0.85, report  # 0.95 measured; a broken kernel gives < 0.3
+    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.0053 of the std

@@ -1,3 +1,6 @@
+"""The sampling chain (gpt2kit.inference.sampling): hand-made cases, then each step and the whole
+chain against transformers' own logits processors on random logits."""
+
 import math
 
 import pytest
@@ -43,8 +46,9 @@ def test_top_p_always_keeps_the_top_token_and_works_unsorted():
 
 
 def test_min_p_relative_to_top_token():
-    probs = torch.tensor([[0.6, 0.3, 0.06, 0.04]])
-    assert kept(sampling.min_p(probs.log(), 0.1)) == {0, 1}  # threshold 0.06
+    probs = torch.tensor([[0.6, 0.3, 0.065, 0.035]])
+    assert kept(sampling.min_p(probs.log(), 0.1)) == {0, 1, 2}  # threshold 0.06, not 0.1
+    assert kept(sampling.min_p(probs.log(), 0.2)) == {0, 1}  # threshold 0.12
     assert kept(sampling.min_p(probs.log(), 0.0)) == {0, 1, 2, 3}
 
 
@@ -76,10 +80,12 @@ def test_temperature_zero_is_greedy():
 
 
 def test_sample_respects_filters_and_per_row_generators():
-    logits = torch.tensor([[0.0, 0.0, 10.0, 0.0]]).repeat(2, 1)
-    cfg = GenerationConfig(top_k=1)
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    assert sampling.choose(logits, cfg, gens).tolist() == [2, 2]
+    # Token 2 leads only slightly: unfiltered, 32 rows would draw it every time with odds of 1e-18.
+    logits = torch.tensor([[1.0, 1.0, 1.1, 1.0]]).repeat(32, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    assert sampling.choose(logits, GenerationConfig(top_k=1), gens).tolist() == [2] * 32
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    assert set(sampling.choose(logits, GenerationConfig(top_k=0), gens).tolist()) == {0, 1, 2, 3}
 
 
 def test_sample_distribution_matches_probabilities():
@@ -91,11 +97,13 @@ def test_sample_distribution_matches_probabilities():
 
 
 def test_row_draws_do_not_depend_on_other_rows():
-    logits = torch.randn(1, 50)
-    alone = sampling.sample(logits, [torch.Generator().manual_seed(7)])
-    batch = torch.cat([torch.randn(2, 50), logits])
-    together = sampling.sample(batch, [torch.Generator().manual_seed(s) for s in (1, 2, 7)])
-    assert together[2] == alone[0]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 50, generator=g)
+    alone = [sampling.sample(logits[i:i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(8)]
+    batch = torch.cat([torch.randn(3, 50, generator=g), logits])  # other rows first, with their own seeds
+    together = sampling.sample(batch, [torch.Generator().manual_seed(s) for s in [1, 2, 3, *range(100, 108)]])
+    assert together[3:].tolist() == alone
+    assert alone != logits.argmax(-1).tolist()  # these are draws, not the argmax
 
 
 def test_process_order_and_no_mutation():
@@ -105,6 +113,14 @@ def test_process_order_and_no_mutation():
     assert torch.equal(logits, before)
     assert kept(out) == {2, 3}
     assert math.isclose(out[0, 3].item(), 8.0)
+    # Temperature comes before top-p: sharpened, probabilities 0.5, 0.3, 0.15, 0.05 become 0.69,
+    # 0.25, 0.06, 0.01, so p = 0.9 keeps two tokens (top-p first would keep three).
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert kept(sampling.process(probs.log(), GenerationConfig(temperature=0.5, top_k=0, top_p=0.9))) == {0, 1}
+    # Penalties come before temperature: (x - 1) / 0.5, not x / 0.5 - 1.
+    out = sampling.process(torch.zeros(1, 2), GenerationConfig(temperature=0.5, top_k=0, presence_penalty=1.0),
+                           counts=torch.tensor([[1.0, 0.0]]))
+    assert out.tolist() == [[-2.0, 0.0]]
 
 
 @pytest.mark.parametrize("options, field", [
@@ -120,3 +136,140 @@ def test_config_rejects_bad_values(options, field):
     with pytest.raises(OptionError) as e:
         GenerationConfig(**options)
     assert e.value.field == field
+
+
+# ---- against transformers' own logits processors -------------------------------------------
+# Random float32 logits, batch > 1, from a handful of tokens to GPT-2's vocabulary. Filters only
+# replace logits by -inf, so surviving tokens and their values are compared exactly.
+
+VOCABS = [7, 100, 50257]
+
+
+def random_logits(vocab: int, seed: int, rows: int = 4, ties: bool = False, neg_inf: float = 0.0) -> torch.Tensor:
+    """(rows, vocab) float32 logits; `ties`: rounded to integers (many equal values); `neg_inf`:
+    that fraction of entries already -inf (never a row's first, so each row keeps a finite one)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(rows, vocab, generator=g)
+    if ties:
+        logits = logits.round()
+    banned = torch.rand(rows, vocab, generator=g) < neg_inf
+    banned[:, 0] = False
+    return logits.masked_fill(banned, INF)
+
+
+def kept_per_row(logits: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logits).sum(-1)
+
+
+def kept_values(logits: torch.Tensor) -> list[list[float]]:
+    """Each row's surviving logits, sorted: what a filter keeps, whichever of equal tokens it picks."""
+    return [sorted(row[torch.isfinite(row)].tolist()) for row in logits]
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("neg_inf", [0.0, 0.5])
+def test_top_k_matches_transformers_without_ties(vocab, neg_inf):
+    from transformers import TopKLogitsWarper
+    logits = random_logits(vocab, seed=vocab, neg_inf=neg_inf)
+    for k in (1, 3, vocab // 2, vocab - 1):
+        kth, next_ = torch.topk(logits, k + 1).values[:, -2:].unbind(-1)
+        assert (kth > next_).all() | torch.isinf(kth).any()  # no tie at the boundary in this data
+        assert torch.equal(sampling.top_k(logits, k), TopKLogitsWarper(k)(None, logits)), k
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_top_k_with_ties_keeps_exactly_k_where_transformers_keeps_every_tie(vocab):
+    """The documented difference: gpt2kit keeps exactly k tokens (which of the tokens tied with
+    the k-th it keeps is unspecified); transformers keeps every token equal to the k-th."""
+    from transformers import TopKLogitsWarper
+    logits = random_logits(vocab, seed=1, ties=True)
+    k = min(5, vocab - 1)
+    ours, theirs = sampling.top_k(logits, k), TopKLogitsWarper(k)(None, logits)
+    assert (kept_per_row(ours) == k).all()
+    assert (kept_per_row(theirs) > k).any()  # this data does have ties at the k-th value
+    assert torch.isfinite(theirs)[torch.isfinite(ours)].all()  # ours is a subset of theirs ...
+    assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(ours)])  # ... values untouched
+    kth = torch.topk(logits, k).values[:, -1:]
+    assert torch.isfinite(ours)[logits > kth].all()  # every token above the k-th value is kept
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("neg_inf", [0.0, 0.5])
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.9, 0.99])
+def test_top_p_matches_transformers_without_ties(vocab, neg_inf, p):
+    from transformers import TopPLogitsWarper
+    logits = random_logits(vocab, seed=vocab + 1, neg_inf=neg_inf)
+    ours, theirs = sampling.top_p(logits, p), TopPLogitsWarper(p)(None, logits)
+    exact = torch.softmax(logits.double(), -1)  # the kept sets' probabilities, to say who is right
+    same = torch.equal(ours, theirs)
+    assert same, (
+        f"kept per row: gpt2kit {kept_per_row(ours).tolist()}, transformers {kept_per_row(theirs).tolist()}; "
+        f"their probability (float64): gpt2kit {(exact * torch.isfinite(ours)).sum(-1).tolist()}, "
+        f"transformers {(exact * torch.isfinite(theirs)).sum(-1).tolist()}; p = {p}")
+
+
+@pytest.mark.parametrize("vocab", VOCABS[:2])
+@pytest.mark.parametrize("p", [0.3, 0.7, 0.95])
+def test_top_p_with_ties_keeps_as_many_tokens_as_transformers(vocab, p):
+    """Which of several equal tokens at the boundary survives depends on the sort and is not
+    specified by either library; how many survive, and their values, are."""
+    from transformers import TopPLogitsWarper
+    logits = random_logits(vocab, seed=2, ties=True)
+    ours, theirs = sampling.top_p(logits, p), TopPLogitsWarper(p)(None, logits)
+    assert torch.equal(kept_per_row(ours), kept_per_row(theirs))
+    assert kept_values(ours) == kept_values(theirs)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("ties, neg_inf", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_min_p_matches_transformers(vocab, ties, neg_inf):
+    from transformers import MinPLogitsWarper
+    logits = random_logits(vocab, seed=3, ties=ties, neg_inf=neg_inf)
+    for p in (0.0, 0.05, 0.5, 1.0):  # 1.0 keeps only the top token(s)
+        assert torch.equal(sampling.min_p(logits, p), MinPLogitsWarper(p)(None, logits)), p
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("penalty", [1.3, 0.7])  # < 1 favours repeats
+def test_repetition_penalty_matches_transformers(vocab, penalty):
+    """Each row's seen tokens are its own (with repeats), as transformers reads them from input_ids."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    logits = random_logits(vocab, seed=4, neg_inf=0.2)
+    logits[:, 1] = 0.0  # neither divided nor multiplied into anything else
+    g = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, vocab, (logits.shape[0], 12), generator=g)
+    input_ids[:, :2] = torch.tensor([1, 0])  # the zero and a finite logit are among the seen
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, input_ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, logits)
+    assert torch.equal(sampling.apply_repetition_penalty(logits, seen, penalty), expected)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_temperature_matches_transformers(vocab):
+    from transformers import TemperatureLogitsWarper
+    logits = random_logits(vocab, seed=6, neg_inf=0.2)
+    for t in (0.3, 1.0, 1.7):
+        assert torch.equal(sampling.apply_temperature(logits, t), TemperatureLogitsWarper(t)(None, logits)), t
+
+
+@pytest.mark.parametrize("vocab", VOCABS[1:])
+def test_the_chain_matches_transformers_default_order(vocab):
+    """`process` against the processors transformers' own generate() builds for the same options,
+    in its order: repetition penalty, temperature, top-k, top-p, min-p. (Presence and frequency
+    penalties are OpenAI's and have no transformers counterpart.)"""
+    import transformers
+    from conftest import tiny_hf_model
+    options = dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+    hf = tiny_hf_model(n_layer=1, n_head=1, n_embd=4, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    chain = hf._get_logits_processor(transformers.GenerationConfig(do_sample=True, **options),
+                                     input_ids_seq_length=12, device="cpu")
+    assert [type(step).__name__ for step in chain] == [
+        "RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper",
+        "TopPLogitsWarper", "MinPLogitsWarper"]
+    logits = random_logits(vocab, seed=7)
+    input_ids = torch.randint(0, vocab, (logits.shape[0], 12), generator=torch.Generator().manual_seed(8))
+    input_ids[:, 0] = logits.argmax(-1)  # the penalty reorders the top tokens
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, input_ids, True)
+    ours = sampling.process(logits, GenerationConfig(**options), seen=seen)
+    assert torch.equal(ours, chain(input_ids, logits))
+    assert (kept_per_row(ours) < 50).all()  # top-p and min-p did cut after top-k
