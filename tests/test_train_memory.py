@@ -132,6 +132,32 @@ def test_finetune_keeps_less_by_default(tmp_path):
     assert count(saved, torch.float32, 16 * 4 * c.n_embd) == c.n_layer
 
 
+def test_the_fast_paths_are_module_swaps_keeping_names_parameters_and_mode():
+    """Each swap is a class of its own (shown by print(model)), holds the very Parameters it
+    replaces (same state-dict keys, same optimizer order) and takes the replaced module's mode:
+    a new module starts in train mode, which would turn dropout on in an eval-mode model."""
+    model = GPT(CFG).eval()
+    keys, params = list(model.state_dict()), list(model.parameters())
+    save_less_for_backward(model)
+    shown = str(model)
+    for name in ("LeanScaledDotProduct", "LeanGeluLinear", "LeanDropout"):
+        assert name in shown, name
+    assert "GELU" not in shown and "(drop): LeanDropout" in shown
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert not any(m.training for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules())  # no instance-bound forwards
+
+
+def test_a_lora_wrapped_c_proj_is_left_alone():
+    model = GPT(CFG)
+    apply_lora(model, LoraConfig(targets=("mlp.c_proj",), dropout=0.1))
+    save_less_for_backward(model)
+    mlp = model.transformer.h[0].mlp
+    assert type(mlp.act) is torch.nn.GELU and type(mlp.c_proj).__name__ == "LoraLinear"
+    assert type(mlp.c_proj.lora_dropout).__name__ == "LeanDropout"  # LoRA's dropout keeps a bool mask too
+
+
 def test_grad_checkpointing_composes_with_the_lean_forwards():
     x = torch.randint(0, CFG.vocab_size, (B, T + 1))
     grads = []
