@@ -138,15 +138,28 @@ def test_the_fast_paths_are_module_swaps_keeping_names_parameters_and_mode():
     a new module starts in train mode, which would turn dropout on in an eval-mode model."""
     model = GPT(CFG).eval()
     keys, params = list(model.state_dict()), list(model.parameters())
+    checkpoint_blocks(model)
     save_less_for_backward(model)
     shown = str(model)
-    for name in ("LeanScaledDotProduct", "LeanGeluLinear", "LeanDropout"):
+    for name in ("CheckpointedBlock", "LeanScaledDotProduct", "LeanGeluLinear", "LeanDropout"):
         assert name in shown, name
     assert "GELU" not in shown and "(drop): LeanDropout" in shown
     assert list(model.state_dict()) == keys
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     assert not any(m.training for m in model.modules())
     assert not any("forward" in vars(m) for m in model.modules())  # no instance-bound forwards
+
+
+def test_checkpointed_blocks_keep_less_and_run_plainly_without_grad():
+    torch.manual_seed(0)
+    plain, x = GPT(CFG).train(), torch.randint(0, CFG.vocab_size, (B, T + 1))
+    checkpointed = GPT(CFG).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_blocks(checkpointed)
+    size = [sum(e * d.itemsize for d, e in saved_for_backward(m, x)) for m in (plain, checkpointed)]
+    assert size[1] < 0.5 * size[0]
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), checkpointed.eval()(x))
 
 
 def test_a_lora_wrapped_c_proj_is_left_alone():
@@ -161,13 +174,16 @@ def test_a_lora_wrapped_c_proj_is_left_alone():
 def test_grad_checkpointing_composes_with_the_lean_forwards():
     x = torch.randint(0, CFG.vocab_size, (B, T + 1))
     grads = []
-    for grad_checkpointing in (False, True):
+    for grad_checkpointing in (False, True, "first"):  # "first": load_for_training's order
         torch.manual_seed(0)
         model = GPT(CFG).train()
+        if grad_checkpointing == "first":
+            checkpoint_blocks(model)
         save_less_for_backward(model)
-        if grad_checkpointing:
+        if grad_checkpointing is True:
             checkpoint_blocks(model)
         torch.manual_seed(1)
         NextTokenLoss(model)(x).backward()
         grads.append([p.grad for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(*grads[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads[::2]))
