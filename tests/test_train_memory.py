@@ -17,7 +17,8 @@ from gpt2kit.model import GPT
 from gpt2kit.training.config import TrainConfig
 from gpt2kit.training.memory import estimate
 from gpt2kit.training.objective import NextTokenLoss
-from gpt2kit.training.setup import Plan, load_for_training, make_optimizer
+from gpt2kit.training.plan import Plan
+from gpt2kit.training.setup import load_for_training, make_optimizer
 
 CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.1)
 B, T = 2, 24  # B*nh*T*T, B*T*C and B*T*4C elements all differ, so saved tensors can be told apart
