@@ -30,9 +30,10 @@ from gpt2kit.training import runs
 from gpt2kit.training.config import TrainConfig
 from gpt2kit.training.loop import TrainingDiverged, TrainingInterrupted, finetune, get_lr
 from gpt2kit.training.memory import NotEnoughMemory
+from gpt2kit.training.plan import ResumeMismatch, identity_mismatches
 from gpt2kit.training.runs import RunFolderError
 from gpt2kit.training.samples import COPY_SPAN, CopyDetector
-from gpt2kit.training.setup import ResumeMismatch, identity_mismatches, make_optimizer
+from gpt2kit.training.setup import make_optimizer
 
 
 @pytest.fixture(scope="module")

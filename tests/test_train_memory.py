@@ -17,7 +17,8 @@ from gpt2kit.model import GPT
 from gpt2kit.training.config import TrainConfig
 from gpt2kit.training.memory import estimate
 from gpt2kit.training.objective import NextTokenLoss
-from gpt2kit.training.setup import Plan, load_for_training, make_optimizer
+from gpt2kit.training.plan import Plan
+from gpt2kit.training.setup import load_for_training, make_optimizer
 
 CFG = ModelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, dropout=0.1)
 B, T = 2, 24  # B*nh*T*T, B*T*C and B*T*4C elements all differ, so saved tensors can be told apart
@@ -132,16 +133,58 @@ def test_finetune_keeps_less_by_default(tmp_path):
     assert count(saved, torch.float32, 16 * 4 * c.n_embd) == c.n_layer
 
 
+def test_the_fast_paths_are_module_swaps_keeping_names_parameters_and_mode():
+    """Each swap is a class of its own (shown by print(model)), holds the very Parameters it
+    replaces (same state-dict keys, same optimizer order) and takes the replaced module's mode:
+    a new module starts in train mode, which would turn dropout on in an eval-mode model."""
+    model = GPT(CFG).eval()
+    keys, params = list(model.state_dict()), list(model.parameters())
+    checkpoint_blocks(model)
+    save_less_for_backward(model)
+    shown = str(model)
+    for name in ("CheckpointedBlock", "LeanScaledDotProduct", "LeanGeluLinear", "LeanDropout"):
+        assert name in shown, name
+    assert "GELU" not in shown and "(drop): LeanDropout" in shown
+    assert list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert not any(m.training for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules())  # no instance-bound forwards
+
+
+def test_checkpointed_blocks_keep_less_and_run_plainly_without_grad():
+    torch.manual_seed(0)
+    plain, x = GPT(CFG).train(), torch.randint(0, CFG.vocab_size, (B, T + 1))
+    checkpointed = GPT(CFG).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_blocks(checkpointed)
+    size = [sum(e * d.itemsize for d, e in saved_for_backward(m, x)) for m in (plain, checkpointed)]
+    assert size[1] < 0.5 * size[0]
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), checkpointed.eval()(x))
+
+
+def test_a_lora_wrapped_c_proj_is_left_alone():
+    model = GPT(CFG)
+    apply_lora(model, LoraConfig(targets=("mlp.c_proj",), dropout=0.1))
+    save_less_for_backward(model)
+    mlp = model.transformer.h[0].mlp
+    assert type(mlp.act) is torch.nn.GELU and type(mlp.c_proj).__name__ == "LoraLinear"
+    assert type(mlp.c_proj.lora_dropout).__name__ == "LeanDropout"  # LoRA's dropout keeps a bool mask too
+
+
 def test_grad_checkpointing_composes_with_the_lean_forwards():
     x = torch.randint(0, CFG.vocab_size, (B, T + 1))
     grads = []
-    for grad_checkpointing in (False, True):
+    for grad_checkpointing in (False, True, "first"):  # "first": load_for_training's order
         torch.manual_seed(0)
         model = GPT(CFG).train()
+        if grad_checkpointing == "first":
+            checkpoint_blocks(model)
         save_less_for_backward(model)
-        if grad_checkpointing:
+        if grad_checkpointing is True:
             checkpoint_blocks(model)
         torch.manual_seed(1)
         NextTokenLoss(model)(x).backward()
         grads.append([p.grad for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(*grads[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads[::2]))

@@ -1,65 +1,77 @@
-"""Training with fewer activations kept for the backward pass and the same numerics: the MLP,
-attention-with-dropout and dropout forwards swapped from outside the model (as
-kernels/checkpointing.py does) for ones that save less and rebuild the rest in the backward.
-The default of float32 training on CPU (training/setup.py, load_for_training), issue 5's training
-peak-memory target.
+"""Training with fewer activations kept for the backward pass and the same numerics: small
+modules the model calls (`attn.core`, the dropouts, the MLP's `act` and `c_proj`) swapped from
+outside for classes of their own that save less and rebuild the rest in the backward pass, as
+kernels/checkpointing.py swaps the blocks. `print(model)` shows them. The default of float32
+training on CPU (training/setup.py, load_for_training), issue 5's training peak-memory target.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from ..model import GPT, CausalSelfAttention
+from ..model import GPT, ScaledDotProduct
 
 
 def save_less_for_backward(model: GPT) -> None:
     """Keep fewer activations for the backward pass, with the same numerics (the same operations
     and random draws, so the same bits): the default of float32 training on CPU.
 
-    The MLP, attention and dropout forwards are replaced (instance attributes, as in
-    checkpoint_blocks) by ones that save less and rebuild the rest in the backward pass:
-    - MLP (GeluLinear): c_proj's input gelu(h) is recomputed from h, which GELU's backward keeps
-      anyway: one GELU per block in the backward (~3 ms each), 12.6 MB per block less.
-    - attention with dropout (DropoutAttention): scaled_dot_product_attention takes its math path
-      on CPU when dropout is on, which keeps three float (B, nh, T, T) tensors (probabilities,
-      dropout noise, dropped probabilities) and scaled copies of q, k, v; this keeps the
-      probabilities, the dropout mask as bool and q, k, v themselves: 22 MB per block less.
-      (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
-    - dropout (MaskDropout): the noise is kept as a bool mask, not float32: 2.4 MB per use less.
+    Each swapped module takes the training flag and the parameters of the one it replaces (so
+    state-dict keys and the optimizer's parameter order do not change), and saves less in the
+    training case, deferring to the plain computation otherwise:
+    - MLP (`mlp.act` -> nn.Identity, `mlp.c_proj` -> LeanGeluLinear): c_proj's input gelu(h) is
+      recomputed from h, which GELU's backward keeps anyway: one GELU per block in the backward
+      (~3 ms each), 12.6 MB per block less. A LoRA-wrapped c_proj is left as it is.
+    - attention with dropout (`attn.core` -> LeanScaledDotProduct): scaled_dot_product_attention
+      takes its math path on CPU when dropout is on, which keeps three float (B, nh, T, T)
+      tensors (probabilities, dropout noise, dropped probabilities) and scaled copies of q, k, v;
+      this keeps the probabilities, the dropout mask as bool and q, k, v themselves: 22 MB per
+      block less. (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
+    - dropout (every nn.Dropout, LoRA's too -> LeanDropout): the noise is kept as a bool mask,
+      not float32: 2.4 MB per use less.
     GPT-2 124M, 4 x 256 tokens, dropout 0.1: 1,236 -> 784 MB saved for the backward pass, peak
     RSS of the benchmark's step 3,490 -> ~3,070 MB; the step time unchanged within the noise of
-    interleaved runs (benchmarks/RESULTS.md). Evaluation, sampling and autocast run the modules'
-    own forward; a test checks loss and gradients are bitwise the plain path's.
+    interleaved runs (benchmarks/RESULTS.md). Evaluation, sampling and autocast run the plain
+    computation; a test checks loss and gradients are bitwise the plain path's.
     """
     for block in model.transformer.h:
-        block.attn.forward = functools.partial(_lean_attention, block.attn)
-        block.mlp.forward = functools.partial(_lean_mlp, block.mlp)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.forward = functools.partial(_lean_dropout, module)
+        core = block.attn.core
+        if type(core) is ScaledDotProduct:
+            block.attn.core = LeanScaledDotProduct(core.p).train(core.training)
+        mlp = block.mlp
+        if _is_tanh_gelu(mlp.act) and type(mlp.c_proj) is nn.Linear:
+            mlp.act = nn.Identity().train(mlp.act.training)
+            mlp.c_proj = LeanGeluLinear(mlp.c_proj)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Dropout:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LeanDropout(module))
 
 
-def _lean_path(x: torch.Tensor) -> bool:
+def _is_tanh_gelu(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "tanh"
+
+
+def lean_path(x: torch.Tensor) -> bool:
     """Training in float32 on CPU: where these were measured and where they copy the plain ops
     bit for bit (CUDA's dropout draws bool masks and its attention kernels keep no (T, T) tensor)."""
     return torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and \
         not torch.is_autocast_enabled("cpu")
 
 
-def _lean_attention(attn: CausalSelfAttention, x, layer: int, cache, at, mask):
-    """CausalSelfAttention.forward with DropoutAttention for the training case (a test checks
-    that both give the same loss and gradients)."""
-    p = attn.core.p if attn.training else 0.0
-    if p == 0.0 or cache is not None or mask is not None or not _lean_path(x):
-        return type(attn).forward(attn, x, layer, cache, at, mask)
-    B, T, C = x.shape
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    y = DropoutAttention.apply(q, k, v, p)
-    y = y.transpose(1, 2).contiguous().view(B, T, C)
-    return attn.resid_dropout(attn.c_proj(y))
+# ---- attention ------------------------------------------------------------------------------
+
+class LeanScaledDotProduct(ScaledDotProduct):
+    """ScaledDotProduct that, training with dropout over a whole sequence (no cache, causal),
+    runs DropoutAttention: the same bits as SDPA's math path, saving less."""
+
+    def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:  # (B, nh, T, hs)
+        p = self.p if self.training else 0.0
+        if p == 0.0 or mask is not None or not lean_path(q):
+            return super().forward(q, k, v, mask)
+        return DropoutAttention.apply(q, k, v, p)
 
 
 class DropoutAttention(torch.autograd.Function):
@@ -102,10 +114,19 @@ class DropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
-def _lean_dropout(drop: torch.nn.Dropout, x):
-    if not (drop.training and 0.0 < drop.p < 1.0 and not drop.inplace and _lean_path(x)):
-        return type(drop).forward(drop, x)
-    return MaskDropout.apply(x, drop.p)
+# ---- dropout --------------------------------------------------------------------------------
+
+class LeanDropout(nn.Dropout):
+    """nn.Dropout that, training in float32 on CPU, keeps its noise as a bool mask (MaskDropout)."""
+
+    def __init__(self, plain: nn.Dropout):
+        super().__init__(plain.p, plain.inplace)
+        self.train(plain.training)  # a new module starts in train mode, whatever it replaces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and not self.inplace and lean_path(x):
+            return MaskDropout.apply(x, self.p)
+        return super().forward(x)
 
 
 class MaskDropout(torch.autograd.Function):
@@ -126,10 +147,27 @@ class MaskDropout(torch.autograd.Function):
         return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
 
 
-def _lean_mlp(mlp: torch.nn.Module, x):
-    if not (_lean_path(x) and type(mlp.c_proj) is torch.nn.Linear):
-        return type(mlp).forward(mlp, x)
-    return mlp.dropout(GeluLinear.apply(mlp.c_fc(x), mlp.c_proj.weight, mlp.c_proj.bias))
+# ---- MLP ------------------------------------------------------------------------------------
+
+class LeanGeluLinear(nn.Module):
+    """linear(gelu_tanh(h)), MLP.c_proj with MLP.act moved into it (act becomes nn.Identity),
+    holding c_proj's own weight (C, 4C) and bias: training in float32 on CPU it runs GeluLinear,
+    keeping h but not gelu(h)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: the same keys
+        self.train(linear.training)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, 4C) -> (B, T, C)
+        if lean_path(h):
+            return GeluLinear.apply(h, self.weight, self.bias)
+        return F.linear(gelu(h), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, gelu='tanh' on its input")
 
 
 class GeluLinear(torch.autograd.Function):
@@ -139,7 +177,7 @@ class GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b):
         ctx.save_for_backward(h, w)
-        return torch.nn.functional.linear(_gelu(h), w, b)
+        return F.linear(gelu(h), w, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -148,7 +186,7 @@ class GeluLinear(torch.autograd.Function):
         grad = grad.reshape(-1, grad.shape[-1])  # (N, C)
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad.t().mm(_gelu(h).view(grad.shape[0], -1))
+            grad_w = grad.t().mm(gelu(h).view(grad.shape[0], -1))
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         if ctx.needs_input_grad[0]:
@@ -156,5 +194,5 @@ class GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
-def _gelu(h: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.gelu(h, approximate="tanh")  # GPT-2's, as model.MLP
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")  # GPT-2's, as model.MLP's act
