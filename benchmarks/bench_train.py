@@ -68,7 +68,7 @@ def build(engine: str, folder: str, device):
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
-    save_less_for_backward(model)  # as train_setup.load_for_training does for every run
+    save_less_for_backward(model)  # as training/setup.py's load_for_training does for every run
     return model.train(), lambda x: NextTokenLoss(model)(x)
 
 

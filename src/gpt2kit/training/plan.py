@@ -19,8 +19,8 @@ from typing import Callable
 from ..checkpoints.hf import read_config
 from ..config import PRESETS, ModelConfig
 from ..data.prepare import DataConfig, PreparedData, tokenizer_identity
-from ..data.readers import existing_path, pieces
-from ..errors import CheckpointError, Gpt2kitError, InputFileError, OptionError
+from ..data.readers import check_input
+from ..errors import CheckpointError, Gpt2kitError, OptionError
 from ..lora import LoraConfig
 from ..model import GPT
 from ..tokenizer import Tokenizer
@@ -102,16 +102,8 @@ def settle(data, model: str | None, config: TrainConfig | None, lora: LoraConfig
         data = replace(data, path=_absolute(data.path))  # run.json must work from any directory
         plan = Plan(cfg, data, None if cfg.from_scratch else _absolute(str(model or "gpt2")),
                     (lora or LoraConfig()) if cfg.lora else None)
-    check_data(plan.data)
+    check_input(plan.data)  # a wrong file or column fails before any model is loaded
     return plan
-
-
-def check_data(data: DataConfig) -> None:
-    """Fail fast, before any model is loaded, on a missing file, a wrong --column or --field, or
-    no text at all, so a mistake costs seconds, not a model download: reading the first piece of text runs the readers' own checks."""
-    for path, what in ((data.path, "training"), (data.val_file, "validation")):
-        if path is not None and next(pieces(data, existing_path(path)), None) is None:
-            raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
 
 
 def _absolute(spec: str) -> str:
@@ -125,7 +117,7 @@ def resume_plan(run: Run, cfg: TrainConfig, given: set, data, model, lora, emit)
     saved = run.settings()
     try:
         old = TrainConfig(**saved["train"])
-        old_data = DataConfig(**saved["data"])
+        old_data = DataConfig.from_json(saved["data"])
         old_lora = LoraConfig(**saved["lora"]) if saved.get("lora") else None
     except (KeyError, TypeError, OptionError) as e:
         raise CheckpointError(f"{run.path / 'run.json'} is corrupt ({e})") from None
