@@ -1,6 +1,7 @@
 """Training speed and memory: gpt2kit vs transformers on the same random GPT-2 weights, in one run.
 
     python benchmarks/bench_train.py                     # 124M shape, batch 4 x 256 tokens, fp32 CPU
+    python benchmarks/bench_train.py --engines gpt2kit,gpt2kit:bfloat16,transformers,transformers:bfloat16
     python benchmarks/bench_train.py --device cuda --dtype bfloat16
 
 One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
@@ -11,7 +12,9 @@ up by default (lean_backward.save_less_for_backward); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
-the same way. Finally the wall time of the seed's job, `gpt2kit finetune onelinefun.csv --column
+the same way, and so is gpt2kit-compile (`finetune --compile`: torch.compile over the loss). An
+engine named NAME:DTYPE runs under that autocast dtype (weights stay float32) instead of --dtype,
+so float32 and bfloat16 runs share one table. Finally the wall time of the seed's job, `gpt2kit finetune onelinefun.csv --column
 Joke -m gpt2 --epochs 10` (batch 8 x 1024 tokens), is estimated at the measured speed.
 """
 
@@ -29,7 +32,8 @@ from pathlib import Path
 
 from gpt2kit.runtime import device_option
 
-ENGINES = ("gpt2kit", "transformers", "gpt2kit-lora")
+ENGINES = ("gpt2kit", "transformers", "gpt2kit-lora", "gpt2kit-compile")
+DTYPES = ("float32", "bfloat16", "float16")
 JOKES = Path(__file__).resolve().parents[2] / "shared" / "data" / "onelinefun.csv"
 
 
@@ -42,9 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", type=device_option)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype on CUDA (weights stay float32)")
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="autocast dtype of engines named without one (weights stay float32)")
+    p.add_argument("--engines", default=",".join(ENGINES[:3]),
+                   help=f"comma-separated, each one of {', '.join(ENGINES)}, optionally :DTYPE")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -69,7 +74,8 @@ def build(engine: str, folder: str, device):
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
     save_less_for_backward(model)  # as training/setup.py's load_for_training does for every run
-    return model.train(), lambda x: NextTokenLoss(model)(x)
+    loss = NextTokenLoss(model)
+    return model.train(), torch.compile(loss) if engine == "gpt2kit-compile" else loss
 
 
 def worker(args) -> dict:
@@ -124,9 +130,10 @@ def make_weights(size: str, folder: str) -> None:
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
 
 
-def measure(args, engine: str, folder: str) -> dict:
+def measure(args, spec: str, folder: str) -> dict:
+    engine, _, dtype = spec.partition(":")
     cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder, "--device", args.device,
-           "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
+           "--dtype", dtype or args.dtype, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
            "--steps", str(args.steps), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,6 +159,10 @@ def main():
         print(json.dumps(worker(args)))
         return
     engines = args.engines.split(",")
+    for spec in engines:
+        engine, _, dtype = spec.partition(":")
+        if engine not in ENGINES or dtype not in ("", *DTYPES):
+            sys.exit(f"--engines: unknown engine {spec!r}; use {', '.join(ENGINES)}, optionally :DTYPE")
     results = {name: [] for name in engines}
     with tempfile.TemporaryDirectory() as folder:
         make_weights(args.size, folder)
@@ -159,7 +170,8 @@ def main():
             for name in engines:
                 results[name].append(measure(args, name, folder))
     print(f"training step (forward + backward + clip + AdamW), {args.size} shape, random weights, "
-          f"batch {args.batch_size} x {args.block_size} tokens, {args.device} {args.dtype}, "
+          f"batch {args.batch_size} x {args.block_size} tokens, {args.device}, autocast {args.dtype} "
+          "where the engine names none, "
           f"{args.threads} threads; median of {args.repeats} runs of {args.steps} steps (min-max)")
     print("| engine | trainable params | tokens/s | peak memory |")
     print("| --- | --- | --- | --- |")
@@ -169,10 +181,13 @@ def main():
         print(f"| {name} | {runs[0]['trainable'] / 1e6:.2f}M | {statistics.median(speeds):.0f} "
               f"({min(speeds):.0f}-{max(speeds):.0f}) | {peak:,.0f} MB |")
     median = {name: statistics.median(r["tokens_per_s"] for r in runs) for name, runs in results.items()}
-    if "gpt2kit" in median and "transformers" in median:
-        print(f"ratio gpt2kit / transformers: {median['gpt2kit'] / median['transformers']:.2f}x")
-    if "gpt2kit" in median and args.size == "gpt2":
-        print(seed_job(median["gpt2kit"]))
+    for name in median:
+        base = "transformers" + name.partition(":")[1] + name.partition(":")[2]
+        if name.startswith("gpt2kit") and base in median:
+            print(f"ratio {name} / {base}: {median[name] / median[base]:.2f}x")
+    for name in median:
+        if name.startswith("gpt2kit") and "lora" not in name and args.size == "gpt2":
+            print(f"{name}: {seed_job(median[name])}")
 
 
 if __name__ == "__main__":

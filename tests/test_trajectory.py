@@ -52,7 +52,8 @@ def trained(tiny_folder, jokes_csv, tmp_path_factory):
                  str(tiny_folder), out=str(out), max_steps=STEPS, warmup_steps=WARMUP,
                  learning_rate=PEAK_LR, schedule="cosine", batch_size=BATCH, grad_accum=ACCUM,
                  block_size=BLOCK, grad_clip=CLIP, weight_decay=DECAY, dropout=0.0, eval_every=0,
-                 sample_every=0, save_every=0, device="cpu", progress=False, log=records.append)
+                 sample_every=0, save_every=0, device="cpu", dtype="float32", progress=False,
+                 log=records.append)  # float32: auto is bfloat16 autocast on CPUs that have it
     return out, batches, [r for r in records if r["event"] == "train"]
 
 

@@ -70,7 +70,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base_layer(x) + (update * self.scaling).to(x.dtype)
+        base = self.base_layer(x)  # under autocast, in its dtype (bfloat16), not x's
+        return base + (update * self.scaling).to(base.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

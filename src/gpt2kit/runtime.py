@@ -2,8 +2,12 @@
 device and dtype resolution, training precision (autocast, loss scaling), seeded generators.
 (The kernels these choices lead to live in kernels/.)
 
-"auto" means: CUDA when present, else CPU; bfloat16 on a CUDA device that supports it (float16 on
-older GPUs), float32 on CPU (this project's CPUs have no native bf16, so it would only be slower).
+"auto" means: CUDA when present, else CPU. For inference weights: bfloat16 on a CUDA device that
+supports it (float16 on older GPUs), float32 on CPU (the documented parity with transformers'
+float32 logits). For training: float32 weights and optimizer state with bfloat16 autocast on a CUDA
+device or a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, where its products run ~4x
+float32's), float16 with loss scaling on older GPUs, plain float32 on other CPUs (bfloat16 emulated
+in software would only be slower).
 """
 
 from __future__ import annotations
@@ -65,6 +69,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic on this CPU: AVX512-BF16 or AMX tiles (oneDNN runs bfloat16
+    products on them). Asked of torch's own CPU feature probe, so it holds on any OS."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A private random stream: sampling never touches (or depends on) the global RNG."""
     g = torch.Generator(device=device)
@@ -75,14 +86,21 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 # --- training precision ---------------------------------------------------------------------
 
 def precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to scale the loss). Weights and AdamW stay float32:
-    "auto" is plain float32 on CPU; bfloat16 autocast on CUDA, or float16 with loss scaling
-    where bfloat16 is unsupported (fp16's narrow range underflows small gradients)."""
+    """(autocast dtype or None, whether to scale the loss). Weights and AdamW stay float32.
+    "auto" is bfloat16 autocast on CUDA and on CPUs with native bfloat16 (`cpu_has_bf16`), plain
+    float32 on other CPUs, float16 with loss scaling on GPUs without bfloat16 (fp16's narrow
+    range underflows small gradients)."""
     if name == "auto":
-        name = "float32" if device.type == "cpu" else \
-            "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        name = auto_training_dtype(device)
     dtype = resolve_dtype(name, device)
     return (None, False) if dtype == torch.float32 else (dtype, dtype == torch.float16)
+
+
+def auto_training_dtype(device: torch.device) -> str:
+    """What `--dtype auto` trains in on `device` (see `precision`)."""
+    if device.type == "cpu":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

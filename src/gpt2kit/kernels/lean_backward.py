@@ -1,11 +1,18 @@
-"""Training with fewer activations kept for the backward pass and the same numerics: small
+"""Training on CPU with fewer activations kept for the backward pass and cheaper dropout: small
 modules the model calls (`attn.core`, the dropouts, the MLP's `act` and `c_proj`) swapped from
 outside for classes of their own that save less and rebuild the rest in the backward pass, as
-kernels/checkpointing.py swaps the blocks. `print(model)` shows them. The default of float32
-training on CPU (training/setup.py, load_for_training), issue 5's training peak-memory target.
+kernels/checkpointing.py swaps the blocks. `print(model)` shows them. Applied to every model
+`finetune` trains (training/setup.py, load_for_training).
+
+In float32 they compute the same bits as the plain modules (issue 5's peak-memory target). Under
+bfloat16 autocast they draw dropout masks from 16 random bits per element (`keep_mask`) instead of
+bernoulli_'s float draws, and attention with dropout runs the bfloat16 products without SDPA's
+math path: bernoulli_ alone took ~20% of a bfloat16 training step of GPT-2 124M on AMX.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -61,6 +68,21 @@ def lean_path(x: torch.Tensor) -> bool:
         not torch.is_autocast_enabled("cpu")
 
 
+def fast_mask_path(x: torch.Tensor) -> bool:
+    """Training under autocast on CPU: no bitwise reference to keep, and bernoulli_ is slow there."""
+    return torch.is_grad_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask, True with probability 1 - p', the dropout probability p' it draws): p rounded to
+    a multiple of 1/65536, each element one 16-bit lane of 64-bit words from the global generator
+    (seeded and checkpointed like any other draw). ~5x faster than bernoulli_ on CPU."""
+    n, threshold = math.prod(shape), round(p * 65536)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits
+    lanes = words.view(torch.int16)[:n].view(shape)  # uniform over -32768..32767
+    return lanes >= threshold - 32768, threshold / 65536
+
+
 # ---- attention ------------------------------------------------------------------------------
 
 class LeanScaledDotProduct(ScaledDotProduct):
@@ -69,34 +91,46 @@ class LeanScaledDotProduct(ScaledDotProduct):
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:  # (B, nh, T, hs)
         p = self.p if self.training else 0.0
-        if p == 0.0 or mask is not None or not lean_path(q):
+        if p == 0.0 or mask is not None or not (lean_path(q) or fast_mask_path(q)):
             return super().forward(q, k, v, mask)
-        return DropoutAttention.apply(q, k, v, p)
+        return DropoutAttention.apply(q, k, v, p, not lean_path(q))
 
 
 class DropoutAttention(torch.autograd.Function):
     """Causal softmax(q k^T / sqrt(hs)) v with dropout on the probabilities, as the math path of
     scaled_dot_product_attention computes it (the same operations and random draws, so the same
     bits), saving the probabilities and a bool mask instead of three float (B, nh, T, T) tensors.
-    The backward runs the batched products autograd would run for the math path."""
+    The backward runs the batched products autograd would run for the math path. `fast`: the
+    mask from `keep_mask` and everything in q's dtype (bfloat16 under autocast), not the same bits."""
 
     @staticmethod
-    def forward(ctx, q, k, v, p: float):
+    def forward(ctx, q, k, v, p: float, fast: bool = False):
         # The math path scales q and k by sqrt(1 / sqrt(hs)) each (as float32: this Python
         # float rounds to the same float32 as the path's own double for every head size).
         s = (1.0 / q.shape[-1] ** 0.5) ** 0.5
         T = q.shape[-2]
         causal = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
             torch.ones(T, T, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
-        probs = torch.matmul(q * s, k.transpose(-2, -1) * s).add_(causal).softmax(-1)  # (B, nh, T, T)
-        noise = torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)  # as torch.dropout on CPU
-        ctx.p, ctx.s = p, s
-        ctx.save_for_backward(q, k, v, probs, noise.bool())
-        return torch.matmul(probs * noise, v)
+        with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
+            probs = torch.matmul(q * s, k.transpose(-2, -1) * s).add_(causal).softmax(-1)  # (B, nh, T, T)
+            if fast:
+                keep, p = keep_mask(probs.shape, p, probs.device)
+                noise = keep.to(probs.dtype).div_(1 - p)
+            else:
+                noise = torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)  # as torch.dropout on CPU
+                keep = noise.bool()
+            ctx.p, ctx.s = p, s
+            ctx.save_for_backward(q, k, v, probs, keep)
+            return torch.matmul(probs * noise, v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # the saved tensors' dtypes
+            return DropoutAttention.gradients(ctx, grad)
+
+    @staticmethod
+    def gradients(ctx, grad):
         q, k, v, probs, keep = ctx.saved_tensors
         B, nh, T, hs = q.shape
         noise = keep.to(probs.dtype).div_(1 - ctx.p)  # the forward's noise, bit for bit
@@ -111,40 +145,50 @@ class DropoutAttention(torch.autograd.Function):
         qs, kts = (q * ctx.s).reshape(B * nh, T, hs), (k.transpose(-2, -1) * ctx.s).reshape(B * nh, hs, T)
         grad_q = grad_a.bmm(kts.transpose(1, 2)).view(B, nh, T, hs) * ctx.s
         grad_k = (qs.transpose(1, 2).bmm(grad_a).view(B, nh, hs, T) * ctx.s).transpose(-2, -1)
-        return grad_q, grad_k, grad_v, None
+        return grad_q, grad_k, grad_v, None, None
 
 
 # ---- dropout --------------------------------------------------------------------------------
 
 class LeanDropout(nn.Dropout):
-    """nn.Dropout that, training in float32 on CPU, keeps its noise as a bool mask (MaskDropout)."""
+    """nn.Dropout that, training on CPU, keeps its noise as a bool mask (MaskDropout): the same
+    draws as nn.Dropout in float32, `keep_mask`'s under autocast."""
 
     def __init__(self, plain: nn.Dropout):
         super().__init__(plain.p, plain.inplace)
         self.train(plain.training)  # a new module starts in train mode, whatever it replaces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and 0.0 < self.p < 1.0 and not self.inplace and lean_path(x):
-            return MaskDropout.apply(x, self.p)
+        if self.training and 0.0 < self.p < 1.0 and not self.inplace:
+            if lean_path(x):
+                return MaskDropout.apply(x, self.p)
+            if fast_mask_path(x):
+                return MaskDropout.apply(x, self.p, True)
         return super().forward(x)
 
 
 class MaskDropout(torch.autograd.Function):
     """F.dropout as it runs on CPU (float noise from bernoulli_, scaled, multiplied: the same
-    draws and bits), saving the noise as a bool mask: 1 instead of 4 bytes per element."""
+    draws and bits), saving the noise as a bool mask: 1 instead of 4 bytes per element.
+    `fast`: the mask from `keep_mask` instead."""
 
     @staticmethod
-    def forward(ctx, x, p: float):
-        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    def forward(ctx, x, p: float, fast: bool = False):
+        if fast:
+            keep, p = keep_mask(x.shape, p, x.device)
+            out = x.masked_fill(keep.logical_not(), 0).mul_(1 / (1 - p))
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+            keep, out = noise.bool(), x * noise
         ctx.p = p
-        ctx.save_for_backward(noise.bool())
-        return x * noise
+        ctx.save_for_backward(keep)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         keep, = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
+        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None, None
 
 
 # ---- MLP ------------------------------------------------------------------------------------

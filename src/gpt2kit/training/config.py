@@ -100,8 +100,8 @@ class TrainConfig:
         "auto | cpu | cuda | cuda:N (default auto; under torchrun each process takes its own GPU)"))
     dtype: str = field(default="auto", metadata=_help(
         "auto | float32 | bfloat16 | float16: the autocast type; weights and optimizer stay "
-        "float32 (default auto: float32 on CPU, bfloat16 on CUDA if supported, else float16 "
-        "with loss scaling)"))
+        "float32 (default auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 "
+        "or AMX), float32 on other CPUs, float16 with loss scaling on GPUs without bfloat16)"))
 
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out.strip():

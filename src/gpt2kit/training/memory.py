@@ -91,8 +91,10 @@ def estimate(cfg: ModelConfig, n_params: int, n_trainable: int, micro_batch: int
         blocks = cfg.n_layer * block
     if loss_rows is None:
         logits = tokens * cfg.vocab_size * 4 * LOGIT_COPIES
-    else:
-        logits = 4 * (min(loss_rows, tokens) * cfg.vocab_size + (cfg.vocab_size + tokens) * cfg.n_embd)
+    else:  # a chunk's logits: float32; or half-precision logits, float32 log-probabilities and
+        # their half-precision gradient (fused_loss's low-precision path)
+        per_logit = 4 if activation_bytes == 4 else 2 * activation_bytes + 4
+        logits = per_logit * min(loss_rows, tokens) * cfg.vocab_size + 4 * (cfg.vocab_size + tokens) * cfg.n_embd
     gathered = 0
     if shards > 1:
         C = cfg.n_embd

@@ -21,7 +21,7 @@ from ..data.prepare import PreparedData, prepare_data
 from ..errors import OptionError
 from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.compile_log import FIRST_RUN
-from ..kernels.fused_loss import LOSS_CHUNK
+from ..kernels.fused_loss import chunk_rows
 from ..kernels.lean_backward import save_less_for_backward
 from ..lora import ParameterCount, apply_lora, count_parameters, load_adapter
 from ..model import GPT
@@ -169,7 +169,7 @@ def check_memory(plan: Plan, world: World, device: torch.device, model: GPT, dat
     est = estimate(model.config, count.total, count.trainable, cfg.batch_size // world.world_size,
                    data.block_size, cfg.grad_checkpointing, model.config.dropout,
                    activation_bytes=2 if half else 4, shards=world.world_size if cfg.fsdp else 1,
-                   loss_rows=None if autocast_dtype else LOSS_CHUNK,  # NextTokenLoss's fused head in float32
+                   loss_rows=chunk_rows(autocast_dtype),  # NextTokenLoss's fused head
                    lean=device.type == "cpu" and not half)  # lean_backward's case
     available = available_memory(device)
     summary = describe(plan, world, device, data, autocast_dtype, count, est, available)
@@ -251,8 +251,7 @@ def describe(plan: Plan, world: World, device: torch.device, data: PreparedData,
     source = f"new {cfg.size} GPT-2" if cfg.from_scratch else plan.model
     return {"model": source, "device": str(device), "processes": world.world_size,
             "sharded": cfg.fsdp and world.distributed,
-            "precision": "float32" if autocast_dtype is None else
-            f"float32 weights, {str(autocast_dtype).removeprefix('torch.')} autocast",
+            "precision": precision_text(cfg.dtype, device, autocast_dtype),
             "documents": data.documents, "val_documents": data.val_documents, "tokens": data.tokens,
             "blocks": len(data.train), "val_blocks": len(data.val) if data.val is not None else 0,
             "block_size": data.block_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
@@ -262,6 +261,15 @@ def describe(plan: Plan, world: World, device: torch.device, data: PreparedData,
             "trainable_parameters": count.trainable, "parameters": count.model,
             "adapter_parameters": count.adapters,
             "memory_estimate": est.total, "memory_detail": est.describe(), "memory_available": available}
+
+
+def precision_text(requested: str, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
+    if autocast_dtype is None:
+        return "float32"
+    text = f"float32 weights, {str(autocast_dtype).removeprefix('torch.')} autocast"
+    if requested == "auto" and device.type == "cpu":  # a choice the user may not expect: say why
+        text += " (--dtype auto: this CPU multiplies bfloat16 natively; --dtype float32 for float32)"
+    return text
 
 
 def summary_lines(record: dict) -> list[str]:
