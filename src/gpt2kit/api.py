@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .checkpoints import LoadedModel, load_model
-from .config import DataConfig, GenerationConfig, ModelConfig
+from .config import EMBED_BATCH_SIZE, POOLS, SCORE_BATCH_SIZE, DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
 from .inference import features
 from .inference.generate import Completion, generate_events
@@ -110,15 +110,15 @@ class Model:
         idx = features.token_batch(token_ids, self.config, self.device)
         return features.hidden_states(self.module, idx, layers)
 
-    def embed(self, texts: str | Sequence[str], pool: str = "mean", layer: int = -1,
-              batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    def embed(self, texts: str | Sequence[str], pool: str = POOLS[0], layer: int = -1,
+              batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> torch.Tensor:
         """One float32 vector per text, (len(texts), n_embd) on the CPU: the mean of its tokens'
         hidden states at `layer` (`pool="mean"`) or its last token's (`pool="last"`). Texts are
         encoded as they are (no <|endoftext|> added, as in transformers' feature extraction);
         batches are padded in a way that changes no vector."""
         return features.embed_ids(self.module, self._encode(texts), pool, layer, batch_size, progress)
 
-    def score(self, text: str | Sequence[str], stride: int | None = None, batch_size: int = 8,
+    def score(self, text: str | Sequence[str], stride: int | None = None, batch_size: int = SCORE_BATCH_SIZE,
               progress: bool = False) -> Scores | list[Scores]:
         """How likely the model finds a text: per-token log-probabilities (the first token
         conditioned on <|endoftext|>), `token_ids`, `total`, mean `nll` and `ppl`. A list of texts

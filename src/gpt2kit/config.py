@@ -16,6 +16,10 @@ from dataclasses import field as _field  # DataConfig has a field named "field"
 
 from .errors import OptionError
 
+# Defaults the API and the CLI share (torch-free here, so `--help` stays fast):
+SCORE_BATCH_SIZE = 8  # context windows per forward pass: Model.score / evaluate, gpt2kit score / eval
+EMBED_BATCH_SIZE = 16  # texts per forward pass: Model.embed, gpt2kit embed
+POOLS = ("mean", "last")  # how Model.embed pools a text's hidden states; the first is the default
 QUANTIZE = ("int8",)  # gpt2kit.load(quantize=...) and --quantize: weight-only int8 (gpt2kit.quantize)
 
 

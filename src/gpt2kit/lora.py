@@ -145,7 +145,7 @@ def _targeted(model: GPT, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
     found = {name: m for name, m in model.named_modules()
              if type(m) is nn.Linear and _matches(name, targets)}
     if not found:
-        raise OptionError("targets", f"{', '.join(targets)} match no nn.Linear of this model (was "
+        raise OptionError("lora_targets", f"{', '.join(targets)} match no nn.Linear of this model (was "
                           "it prepared for inference? apply LoRA before kernels.packed_linear.prepare_for_inference)")
     return found
 

@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config import EMBED_BATCH_SIZE, POOLS, SCORE_BATCH_SIZE
 from ..errors import InputFileError, OptionError
 from .files import read_lines, write_output
 from .flags import add_model_flags, load_options
@@ -37,7 +38,7 @@ def add_texts_flags(p: argparse.ArgumentParser, batch_size: int, what: str) -> N
 
 
 def configure_score(p: argparse.ArgumentParser) -> None:
-    add_texts_flags(p, 8, "context windows")
+    add_texts_flags(p, SCORE_BATCH_SIZE, "context windows")
     p.add_argument("--output", "-o", type=Path, help="write the JSON lines to this .jsonl file "
                    "(atomically) instead of standard output")
     p.add_argument("--stride", type=int, default=None,
@@ -45,11 +46,11 @@ def configure_score(p: argparse.ArgumentParser) -> None:
 
 
 def configure_embed(p: argparse.ArgumentParser) -> None:
-    add_texts_flags(p, 16, "texts")
+    add_texts_flags(p, EMBED_BATCH_SIZE, "texts")
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="the .npy file to write: float32 (texts, n_embd), row i for text i")
-    p.add_argument("--pool", default="mean", help="mean | last: average the tokens' hidden states, "
-                   "or take the last token's (default: mean)")
+    p.add_argument("--pool", default=POOLS[0], help="mean: average the tokens' "
+                   f"hidden states, last: take the last token's (default: {POOLS[0]})")
     p.add_argument("--layer", type=int, default=-1, help="hidden-state layer: 0 the embedding output, "
                    "i the i-th block's output, -1 the last block's after the final LayerNorm (default -1)")
 

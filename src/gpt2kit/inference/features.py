@@ -19,12 +19,10 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig, check_integer
+from ..config import EMBED_BATCH_SIZE, POOLS, ModelConfig, check_integer
 from ..errors import OptionError, TokenizerError
 from ..model import GPT
 from .scoring import eval_mode
-
-POOLS = ("mean", "last")
 
 
 def token_batch(token_ids, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
@@ -85,8 +83,8 @@ def pool_states(h: torch.Tensor, lengths: torch.Tensor, pool: str) -> torch.Tens
     return (h * real[..., None]).sum(dim=1) / lengths[:, None]
 
 
-def embed_ids(model: GPT, seqs: Sequence[list[int]], pool: str = "mean", layer: int = -1,
-              batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+def embed_ids(model: GPT, seqs: Sequence[list[int]], pool: str = POOLS[0], layer: int = -1,
+              batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> torch.Tensor:
     """One float32 vector per token sequence, stacked (N, C) on the CPU: the `pool` ("mean" of
     its tokens' states or its "last" token's state) at `layer`. Sequences run `batch_size` at a
     time, longest first so a batch pads little; `progress` shows a bar on stderr."""

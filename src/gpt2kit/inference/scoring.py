@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import check_integer
+from ..config import SCORE_BATCH_SIZE, check_integer
 from ..errors import OptionError, TokenizerError
 from ..model import GPT
 
@@ -52,7 +52,7 @@ def perplexity(nll: float) -> float:
 
 
 def score_tokens(model: GPT, ids: list[int], bos_id: int, stride: int | None = None,
-                 batch_size: int = 8) -> Scores:
+                 batch_size: int = SCORE_BATCH_SIZE) -> Scores:
     """Score every token of `ids`, the first one conditioned on `bos_id` (<|endoftext|>), as GPT-2
     was trained.
 
@@ -66,7 +66,7 @@ def score_tokens(model: GPT, ids: list[int], bos_id: int, stride: int | None = N
 
 
 def score_sequences(model: GPT, seqs: Sequence[list[int]], bos_id: int, stride: int | None = None,
-                    batch_size: int = 8, progress: bool = False) -> list[Scores]:
+                    batch_size: int = SCORE_BATCH_SIZE, progress: bool = False) -> list[Scores]:
     """`score_tokens` of each sequence in `seqs`, computed together: the windows of every
     sequence run `batch_size` at a time, longest first, so short texts share a forward pass and
     a batch holds windows of similar length (little padding). A sequence's scores do not depend
@@ -136,7 +136,7 @@ def _score_windows(model: GPT, rows: list[tuple[torch.Tensor, tuple[int, int, in
 
 
 def evaluate_documents(model: GPT, docs: Iterable[list[int]], bos_id: int,
-                       stride: int | None = None, batch_size: int = 8) -> Scores:
+                       stride: int | None = None, batch_size: int = SCORE_BATCH_SIZE) -> Scores:
     """Token-level scores of a file's documents read as one stream,
     [bos] + doc1 + [eos] + doc2 + [eos] ..., as GPT-2 saw its training data. <|endoftext|> is both
     bos and eos in GPT-2, so `bos_id` serves as both. Empty documents are skipped: a blank record
@@ -151,7 +151,7 @@ def evaluate_documents(model: GPT, docs: Iterable[list[int]], bos_id: int,
     return score_tokens(model, stream, bos_id, stride, batch_size)
 
 
-def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = 8,
+def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = SCORE_BATCH_SIZE,
                     max_batches: int | None = None) -> tuple[float, float]:
     """(mean loss, perplexity) over the first `max_batches` batches of `blocks` (all by default),
     exactly as training computes its loss: cross-entropy of logits[:, :-1] against tokens[:, 1:],
