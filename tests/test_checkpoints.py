@@ -520,3 +520,10 @@ def test_cli_shows_the_non_finite_warning(tiny_folder, tmp_path, capsys):
     assert main(["info", str(folder)]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: 28 of the 28 weight tensors") and "NaN" in err
+
+
+def test_names_from_the_file_cannot_break_the_one_line(ref, tmp_path):
+    save_state(ref, tmp_path, lambda s: s.update({"transformer.h.0.x\nerror: forged": torch.zeros(1)}))
+    assert "unexpected transformer.h.0.x\\nerror: forged" in error(tmp_path)
+    edit_config(tmp_path, n_inner="7\nerror: forged")
+    assert 'n_inner="7\\nerror: forged"' in error(tmp_path)

@@ -26,6 +26,7 @@ from .weights import (
     describe_dtypes,
     find_weights,
     iter_tensors,
+    printable,
     read_json,
     read_shapes,
     save_safetensors,
@@ -100,7 +101,7 @@ def read_config(path: Path, sizes: "WeightSizes | None" = None) -> ModelConfig:
         sizes.check(fields, f"{path} sets")
     cfg = make_config(fields, str(path))
     if raw.get("n_inner") not in (None, 4 * cfg.n_embd):
-        raise CheckpointError(f"{path} sets n_inner={raw['n_inner']}; gpt2kit's MLP is 4 * n_embd wide")
+        raise CheckpointError(f"{path} sets n_inner={json.dumps(raw['n_inner'])}; gpt2kit's MLP is 4 * n_embd wide")
     return cfg
 
 
@@ -131,7 +132,7 @@ class WeightSizes:
                            ("transformer.wpe.weight", ("n_positions",))):
             name, shape = ours.get(key, (key, ()))
             if len(shape) == 2:  # any other shape is refused by build_model, naming the tensor
-                found |= {field: (size, f"{name} in {where} has shape {shape}") for field, size in zip(names, shape)}
+                found |= {field: (size, f"{printable(name)} in {where} has shape {shape}") for field, size in zip(names, shape)}
         blocks = sorted({int(m[1]) for key in ours if (m := LAYER.match(key))})
         if blocks:
             found["n_layer"] = (len(blocks), f"the weights in {where} hold {len(blocks)} blocks "
@@ -261,11 +262,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[Named], where: Path, device:
             continue
         want = layout.file_shape(expected[key])
         if tuple(tensor.shape) != want:
-            raise CheckpointError(f"{name} in {where} has shape {tuple(tensor.shape)} but "
+            raise CheckpointError(f"{printable(name)} in {where} has shape {tuple(tensor.shape)} but "
                                   f"this GPT-2 ({cfg.n_layer} layers, n_embd={cfg.n_embd}, "
                                   f"vocab {cfg.vocab_size}) needs {want}")
         if not tensor.dtype.is_floating_point:
-            raise CheckpointError(f"{name} in {where} holds {str(tensor.dtype).removeprefix('torch.')} "
+            raise CheckpointError(f"{printable(name)} in {where} holds {str(tensor.dtype).removeprefix('torch.')} "
                                   "values; GPT-2's weights are floating point: is this the right file?")
         stored.add(tensor.dtype)
         if key == TIED:
@@ -307,7 +308,7 @@ def key_listing(keys: list[str], limit: int = 8) -> str:
     if not keys:
         return "none"
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    return ", ".join(map(printable, keys[:limit])) + more
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

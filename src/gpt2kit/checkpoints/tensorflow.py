@@ -26,7 +26,7 @@ from ..tokenizer import Tokenizer
 from . import LoadedModel
 from .hf import AS_IS, Layout, Named, WeightSizes, build_model, make_config
 from .tf_bundle import read_bundle, read_index
-from .weights import read_json
+from .weights import printable, read_json
 
 HPARAMS = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd",
            "n_head": "n_head", "n_layer": "n_layer"}  # hparams.json -> ModelConfig
@@ -79,7 +79,8 @@ def find_prefix(path: Path) -> Path:
         # the checkpoint is looked for beside this file, under the same name.
         name = PureWindowsPath(found[1]).name
         if not (path / f"{name}.index").is_file():
-            raise CheckpointError(f"{pointer} names the checkpoint {name}, but {name}.index is not in "
+            shown = printable(name)
+            raise CheckpointError(f"{pointer} names the checkpoint {shown}, but {shown}.index is not in "
                                   f"{path}; copy it there or pass one of the .index files as the model")
         return path / name
     indexes = sorted(p.name.removesuffix(".index") for p in path.glob("*.index"))
