@@ -292,16 +292,15 @@ def build_model(cfg: ModelConfig, tensors: Iterable[Named], where: Path, device:
 def warn_non_finite(state: dict[str, torch.Tensor], where: Path) -> None:
     """Say (once, on the `gpt2kit` logger) how many tensors hold NaN or infinity: such weights
     load and run, but generate nothing meaningful (a diverged run, a bad conversion)."""
-    bad = [key for key, tensor in state.items() if not is_finite(tensor)]
+    # One foreach L2 norm over all the weights is finite whenever every element is: ~0.1 s for
+    # the 124M model even on a busy machine, where ~150 separate reductions each wait for the
+    # thread pool (0.1-0.8 s). Only a norm that is not finite (or overflowed) has each tensor looked at.
+    if torch.isfinite(torch.nn.utils.get_total_norm(list(state.values()), 2.0, foreach=True)):
+        return
+    bad = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
     if bad:
         log.warning("%d of the %d weight tensors in %s hold NaN or infinite values (%s); the model "
                     "will not generate meaningful text", len(bad), len(state), where, key_listing(bad, 3))
-
-
-def is_finite(tensor: torch.Tensor) -> bool:
-    # A sum is NaN or infinite whenever any element is, and ~6x faster than isfinite().all();
-    # only a sum that overflowed (or a real NaN) is looked at element by element.
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def key_listing(keys: list[str], limit: int = 8) -> str:
