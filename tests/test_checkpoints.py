@@ -527,3 +527,15 @@ def test_names_from_the_file_cannot_break_the_one_line(ref, tmp_path):
     assert "unexpected transformer.h.0.x\\nerror: forged" in error(tmp_path)
     edit_config(tmp_path, n_inner="7\nerror: forged")
     assert 'n_inner="7\\nerror: forged"' in error(tmp_path)
+
+
+def test_lone_file_naming_too_many_blocks_is_refused_by_the_bounds(tmp_path, monkeypatch):
+    """Without config.json the shape comes from the header alone: 1,025 one-number blocks ask for
+    a model the bounds refuse before it is described."""
+    from safetensors.torch import save_file
+    state = {"wte.weight": torch.zeros(8, 768), "wpe.weight": torch.zeros(8, 768)}  # gpt2's width
+    state |= {f"h.{i}.ln_1.weight": torch.zeros(1) for i in range(1025)}
+    save_file(state, tmp_path / "lone.safetensors")
+    monkeypatch.setattr(hf, "meta_model", lambda cfg: pytest.fail(f"a model was described for {cfg}"))
+    assert error(tmp_path / "lone.safetensors") == (f"{tmp_path / 'lone.safetensors'}: n_layer must be at "
+                                                    "most 1024, got 1025")
