@@ -377,10 +377,20 @@ def test_missing_shard(ref, tmp_path):
     assert victim.name in message and "missing" in message
 
 
-def test_shape_mismatch_names_key_and_both_shapes(copy_of):
+def test_config_against_the_weights_names_field_value_and_shape(copy_of):
     edit_config(copy_of, n_positions=128)
-    message = error(copy_of)
-    assert "transformer.wpe.weight" in message and "(64, 32)" in message and "(128, 32)" in message
+    assert error(copy_of) == (f"{copy_of / 'config.json'} sets n_positions=128 but transformer.wpe.weight "
+                              f"in {copy_of / 'model.safetensors'} has shape (64, 32)")
+
+
+def test_shape_mismatch_names_key_and_both_shapes(ref, tmp_path):
+    from safetensors.torch import save_file
+    state = {k: v.clone().contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.ln_f.bias"] = torch.zeros(33)
+    ref.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors")
+    message = error(tmp_path)
+    assert "transformer.ln_f.bias" in message and "(33,)" in message and "needs (32,)" in message
 
 
 def test_conv1d_shape_is_checked_in_the_file_layout(ref, tmp_path):
@@ -403,3 +413,129 @@ def test_missing_and_unexpected_keys_are_listed(ref, tmp_path):
     message = error(tmp_path)
     assert "transformer.h.1.ln_2.weight" in message and "transformer.h.1.ln_2.bias" in message
     assert "transformer.h.0.adapter.weight" in message
+
+
+# ---- configs the weights contradict, weights that cannot be right (issues 17.1, 19.4) ---------
+
+def write_layout(ref, folder, layout: str):
+    """`ref` saved as one of the HF layouts; returns (folder, the weights file the loader names)."""
+    if layout == "bin":
+        return save_bin(ref, folder), folder / "pytorch_model.bin"
+    if layout == "sharded":
+        ref.save_pretrained(folder, max_shard_size="40KB")
+        return folder, folder / "model.safetensors.index.json"
+    ref.save_pretrained(folder)
+    return folder, folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "sharded"])
+@pytest.mark.parametrize("field, value, shown", [
+    ("n_layer", 100000, "the weights in {} hold 2 blocks (h.0 to h.1)"),
+    ("n_embd", 10**9, "transformer.wte.weight in {} has shape (128, 32)"),
+    ("vocab_size", 2**40, "transformer.wte.weight in {} has shape (128, 32)"),
+    ("n_positions", 65, "transformer.wpe.weight in {} has shape (64, 32)"),
+])
+def test_config_contradicting_the_weights_fails_before_any_module(ref, tmp_path, monkeypatch, layout,
+                                                                  field, value, shown):
+    folder, weights = write_layout(ref, tmp_path / "m", layout)
+    edit_config(folder, **{field: value})
+    monkeypatch.setattr(hf, "meta_model", lambda cfg: pytest.fail(f"a model was described for {cfg}"))
+    assert error(folder) == f"{folder / 'config.json'} sets {field}={value} but {shown.format(weights)}"
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", 1025), ("n_embd", 2**16 + 2), ("n_positions", 2**21),
+                                          ("vocab_size", 2**25)])
+def test_model_config_bounds(field, value):
+    from gpt2kit.errors import OptionError
+    with pytest.raises(OptionError, match=f"{field} must be at most"):
+        ModelConfig(**{"n_embd": 64, "n_head": 2, field: value})
+
+
+def test_bin_shapes_are_read_without_reading_the_tensors(tmp_path):
+    """The pickle's metadata, with the tensors left mapped on disk: resident memory does not grow
+    by the file's 64 MB."""
+    from gpt2kit.checkpoints.weights import read_shapes
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"wte.weight": torch.ones(2**14, 2**10)}, path)
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    before = resident()
+    assert read_shapes([path]) == {"wte.weight": (2**14, 2**10)}
+    assert resident() - before < 8 * 2**20
+
+
+@pytest.mark.parametrize("value", ["nan", float("nan"), float("inf"), -1e-5, 0, "1e-5"])
+def test_layer_norm_epsilon_must_be_a_positive_number(copy_of, value):
+    edit_config(copy_of, layer_norm_epsilon=value)
+    assert error(copy_of).startswith(f"{copy_of / 'config.json'}: layer_norm_epsilon must be")
+
+
+def save_state(ref, folder, change) -> None:
+    from safetensors.torch import save_file
+    state = {k: v.clone().contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    change(state)
+    ref.config.save_pretrained(folder)
+    save_file(state, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_non_floating_tensors_are_refused_by_name(ref, tmp_path, dtype):
+    key = "transformer.h.1.ln_2.weight"
+    save_state(ref, tmp_path, lambda s: s.update({key: s[key].to(dtype)}))
+    name = str(dtype).removeprefix("torch.")
+    assert error(tmp_path) == (f"{key} in {tmp_path} holds {name} values; GPT-2's weights are floating "
+                               "point: is this the right file?")
+
+
+def test_non_finite_weights_load_with_one_warning(ref, tmp_path, caplog):
+    def poison(state):
+        state["transformer.wte.weight"][3, 1] = float("inf")
+        state["transformer.h.0.attn.c_attn.bias"][:] = float("nan")
+        state["transformer.h.1.mlp.c_fc.weight"][:] = 3e38  # finite, but its sum overflows
+    save_state(ref, tmp_path, poison)
+    with caplog.at_level("WARNING", logger="gpt2kit"):
+        load(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 of the 28 weight tensors in {tmp_path} hold NaN or infinite values (transformer.h.0.attn.c_attn.bias, "
+        "transformer.wte.weight); the model will not generate meaningful text"]
+
+
+def test_finite_weights_load_without_a_warning(st_folder, caplog):
+    with caplog.at_level("WARNING", logger="gpt2kit"):
+        load(st_folder)
+    assert not caplog.records
+
+
+def test_cli_shows_the_non_finite_warning(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gpt2kit.cli import main
+    folder = shutil.copytree(tiny_folder, tmp_path / "nan")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, folder / "model.safetensors")
+    assert main(["info", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: 28 of the 28 weight tensors") and "NaN" in err
+
+
+def test_names_from_the_file_cannot_break_the_one_line(ref, tmp_path):
+    save_state(ref, tmp_path, lambda s: s.update({"transformer.h.0.x\nerror: forged": torch.zeros(1)}))
+    assert "unexpected transformer.h.0.x\\nerror: forged" in error(tmp_path)
+    edit_config(tmp_path, n_inner="7\nerror: forged")
+    assert 'n_inner="7\\nerror: forged"' in error(tmp_path)
+
+
+def test_lone_file_naming_too_many_blocks_is_refused_by_the_bounds(tmp_path, monkeypatch):
+    """Without config.json the shape comes from the header alone: 1,025 one-number blocks ask for
+    a model the bounds refuse before it is described."""
+    from safetensors.torch import save_file
+    state = {"wte.weight": torch.zeros(8, 768), "wpe.weight": torch.zeros(8, 768)}  # gpt2's width
+    state |= {f"h.{i}.ln_1.weight": torch.zeros(1) for i in range(1025)}
+    save_file(state, tmp_path / "lone.safetensors")
+    monkeypatch.setattr(hf, "meta_model", lambda cfg: pytest.fail(f"a model was described for {cfg}"))
+    assert error(tmp_path / "lone.safetensors") == (f"{tmp_path / 'lone.safetensors'}: n_layer must be at "
+                                                    "most 1024, got 1025")

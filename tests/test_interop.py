@@ -21,10 +21,11 @@ import torch
 from helpers_checkpoints import CPU, Payload, hf_logits, our_logits, save_nanogpt, tiny_hf
 
 import gpt2kit
-from gpt2kit.checkpoints import hub, load_model
-from gpt2kit.checkpoints.tensorflow import our_key, read_tokenizer
+from gpt2kit.checkpoints import hf, hub, load_model
+from gpt2kit.checkpoints.tensorflow import named_tensors, our_key, read_tokenizer
 from gpt2kit.checkpoints.tf_bundle import read_bundle
 from gpt2kit.cli import main
+from gpt2kit.config import ModelConfig
 from gpt2kit.convert import OutputError
 from gpt2kit.errors import CheckpointError, OptionError
 
@@ -133,11 +134,21 @@ def test_variable_names():
     assert our_key("model/h0/extra/w") == "model/h0/extra/w"  # reported as unexpected
 
 
-def test_shape_errors_name_the_tensorflow_variable(tf_copy):
+def test_hparams_are_checked_against_the_index_before_building(tf_copy, monkeypatch):
+    monkeypatch.setattr(hf, "meta_model", lambda cfg: pytest.fail("built a model before checking"))
     hparams = json.loads((tf_copy / "hparams.json").read_text())
-    (tf_copy / "hparams.json").write_text(json.dumps({**hparams, "n_ctx": 128}))
-    message = error(tf_copy)
-    assert "model/wpe" in message and "(64, 32)" in message and "(128, 32)" in message
+    for field, value, shown in [("n_ctx", 128, "model/wpe in {} has shape (64, 32)"),
+                                ("n_layer", 100000, "the weights in {} hold 2 blocks (h.0 to h.1)")]:
+        (tf_copy / "hparams.json").write_text(json.dumps({**hparams, field: value}))
+        assert error(tf_copy) == (f"{tf_copy / 'hparams.json'} sets {field}={value} but "
+                                  + shown.format(tf_copy / "model-1000.index"))
+
+
+def test_shape_errors_name_the_tensorflow_variable(tf_copy):
+    cfg = ModelConfig(vocab_size=512, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    with pytest.raises(CheckpointError) as info:
+        hf.build_model(cfg, named_tensors(tf_copy / "model-1000"), tf_copy, CPU, torch.float32)
+    assert "model/wpe" in str(info.value) and "(64, 32)" in str(info.value) and "(128, 32)" in str(info.value)
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -221,6 +232,9 @@ def test_nanogpt_needing_arbitrary_unpickling_is_refused(oracle, tmp_path):
 @pytest.mark.parametrize("change, words", [
     ({"vocab_size": 65}, "has vocab_size 65: a nanoGPT model with its own vocabulary"),
     ({"n_head": 5}, "must be divisible"),
+    ({"block_size": 128}, "model_args sets block_size=128 but _orig_mod.transformer.wpe.weight in"),
+    ({"n_layer": 3}, "model_args sets n_layer=3 but the weights in"),
+    ({"dropout": "x"}, "model_args: dropout must be a finite number, got 'x'"),
 ])
 def test_nanogpt_model_args_are_checked(oracle, tmp_path, change, words):
     path = save_nanogpt(oracle, tmp_path / "ckpt.pt")

@@ -23,6 +23,13 @@ POOLS = ("mean", "last")  # how Model.embed pools a text's hidden states; the fi
 QUANTIZE = ("int8",)  # gpt2kit.load(quantize=...) and --quantize: weight-only int8 (gpt2kit.quantize)
 
 
+# Upper bounds of ModelConfig's sizes, far above any GPT-2 (gpt2-xl: 48 layers, 1600 wide) or
+# GPT-3 (96, 12288). A config file is untrusted input: past these, describing the model alone
+# (even on the meta device) takes minutes (100,000 layers) or overflows torch's size arithmetic
+# (n_embd 10**9), before any weight could show the config wrong.
+MODEL_LIMITS = {"vocab_size": 2**24, "n_positions": 2**20, "n_embd": 2**16, "n_layer": 1024, "n_head": 2**16}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The GPT-2 architecture's shape (Radford et al. 2019), named as Hugging Face's config.json."""
@@ -32,18 +39,24 @@ class ModelConfig:
     n_embd: int = 768  # width of the residual stream, C
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block, nh; head size hs = C // nh
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # added to the variance in LayerNorm: finite, > 0
     dropout: float = 0.0  # embedding, attention and residual dropout (used only in training)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        for name, most in MODEL_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(name, f"must be a positive integer, got {value!r}")
+            if value > most:
+                raise OptionError(name, f"must be at most {most}, got {value}")
         if self.n_embd % self.n_head:
             raise OptionError("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
+        if check_finite("layer_norm_epsilon", self.layer_norm_epsilon) <= 0:
+            raise OptionError("layer_norm_epsilon", f"must be greater than 0, got {self.layer_norm_epsilon}")
+        if not 0.0 <= check_finite("dropout", self.dropout) < 1.0:
             raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "layer_norm_epsilon", float(self.layer_norm_epsilon))
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     @property
     def head_size(self) -> int:

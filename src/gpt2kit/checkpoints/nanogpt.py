@@ -22,9 +22,9 @@ from typing import Iterator
 import torch
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError
 from . import LoadedModel
-from .hf import AS_IS, TIED, Layout, Named, build_model, expected_shapes, our_key
+from .hf import AS_IS, TIED, Layout, Named, WeightSizes, build_model, expected_shapes, make_config, our_key
 from .weights import WEIGHT_NAMES, load_pickle
 
 MODEL_ARGS = {"vocab_size": "vocab_size", "block_size": "n_positions", "n_embd": "n_embd",
@@ -51,11 +51,12 @@ def find(path: Path) -> tuple[Path, dict] | None:
 def load(path: Path, ckpt: dict, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The model in `ckpt`, the contents `find` read from `path`."""
     args = ckpt["model_args"]
-    cfg = read_model_args(args, path)
     state = ckpt.get("model")
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path} has no 'model' state dict of named tensors; {RESAVE}")
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    cfg = read_model_args(args, path, WeightSizes.of(shapes, lambda name: our_key(name.removeprefix(PREFIX)), path))
     tensors = named_tensors(state, cfg, padded=args["vocab_size"], zero_biases=args["bias"] is False)
     model, stored = build_model(cfg, tensors, path, device, dtype)
     step = ckpt.get("iter_num")
@@ -64,7 +65,9 @@ def load(path: Path, ckpt: dict, device: torch.device, dtype: torch.dtype) -> Lo
                        format=f"nanogpt (iter {step})" if isinstance(step, int) else "nanogpt")
 
 
-def read_model_args(args: object, path: Path) -> ModelConfig:
+def read_model_args(args: object, path: Path, sizes: WeightSizes) -> ModelConfig:
+    """model_args, checked against the sizes the state dict's shapes show (the padded vocabulary
+    included), then as GPT-2's vocabulary."""
     if not isinstance(args, dict):
         raise CheckpointError(f"{path}: model_args is not a dictionary")
     if missing := [key for key in (*MODEL_ARGS, "bias") if key not in args]:
@@ -74,11 +77,10 @@ def read_model_args(args: object, path: Path) -> ModelConfig:
         raise CheckpointError(f"{path} has vocab_size {vocab!r}: a nanoGPT model with its own vocabulary "
                               "(such as shakespeare_char's meta.pkl); gpt2kit reads models over GPT-2's "
                               f"{GPT2_VOCAB} BPE tokens")
-    try:
-        return ModelConfig(**{ours: args[theirs] for theirs, ours in MODEL_ARGS.items()}
-                           | {"vocab_size": GPT2_VOCAB, "dropout": float(args.get("dropout") or 0.0)})
-    except (OptionError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: model_args: {e}") from None
+    fields = {ours: args[theirs] for theirs, ours in MODEL_ARGS.items()}
+    sizes.check(fields, f"{path}: model_args sets", names={ours: theirs for theirs, ours in MODEL_ARGS.items()})
+    return make_config(fields | {"vocab_size": GPT2_VOCAB, "dropout": args.get("dropout") or 0.0},
+                       f"{path}: model_args")
 
 
 def named_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, padded: int,

@@ -21,12 +21,12 @@ from typing import Iterator
 import torch
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
 from . import LoadedModel
-from .hf import AS_IS, Layout, Named, build_model
-from .tf_bundle import read_bundle
-from .weights import read_json
+from .hf import AS_IS, Layout, Named, WeightSizes, build_model, make_config
+from .tf_bundle import read_bundle, read_index
+from .weights import printable, read_json
 
 HPARAMS = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd",
            "n_head": "n_head", "n_layer": "n_layer"}  # hparams.json -> ModelConfig
@@ -56,9 +56,10 @@ def load(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The model of a TensorFlow checkpoint folder (or .index file), with its own tokenizer if any."""
     prefix = find_prefix(path)
     folder = prefix.parent
-    cfg = read_hparams(folder / "hparams.json")
-    model, stored = build_model(cfg, named_tensors(prefix), folder, device, dtype)
     index = prefix.with_name(prefix.name + ".index")
+    shapes = {name: entry.shape for name, entry in read_index(index)[1].items()}
+    cfg = read_hparams(folder / "hparams.json", WeightSizes.of(shapes, our_key, index))
+    model, stored = build_model(cfg, named_tensors(prefix), folder, device, dtype)
     return LoadedModel(model=model, config=cfg, folder=folder, source=f"folder: {folder} ({index.name})",
                        weights_file=str(index), weights_dtype=stored,
                        format=f"tensorflow (checkpoint {prefix.name})", tokenizer=read_tokenizer(folder))
@@ -78,7 +79,8 @@ def find_prefix(path: Path) -> Path:
         # the checkpoint is looked for beside this file, under the same name.
         name = PureWindowsPath(found[1]).name
         if not (path / f"{name}.index").is_file():
-            raise CheckpointError(f"{pointer} names the checkpoint {name}, but {name}.index is not in "
+            shown = printable(name)
+            raise CheckpointError(f"{pointer} names the checkpoint {shown}, but {shown}.index is not in "
                                   f"{path}; copy it there or pass one of the .index files as the model")
         return path / name
     indexes = sorted(p.name.removesuffix(".index") for p in path.glob("*.index"))
@@ -89,17 +91,17 @@ def find_prefix(path: Path) -> Path:
     return path / indexes[0]
 
 
-def read_hparams(path: Path) -> ModelConfig:
+def read_hparams(path: Path, sizes: WeightSizes) -> ModelConfig:
+    """hparams.json, checked against the sizes the checkpoint's index shows."""
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is truncated or corrupt (expected a JSON object)")
     if missing := [key for key in HPARAMS if key not in raw]:
         raise CheckpointError(f"{path} has no {', '.join(missing)}; a GPT-2 hparams.json names "
                               f"{', '.join(HPARAMS)}")
-    try:  # GPT-2's TensorFlow code has no dropout at inference and epsilon 1e-5
-        return ModelConfig(**{ours: raw[theirs] for theirs, ours in HPARAMS.items()})
-    except OptionError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    fields = {ours: raw[theirs] for theirs, ours in HPARAMS.items()}
+    sizes.check(fields, f"{path} sets", names={ours: theirs for theirs, ours in HPARAMS.items()})
+    return make_config(fields, str(path))  # GPT-2's TensorFlow code: no dropout at inference, epsilon 1e-5
 
 
 def our_key(name: str) -> str | None:

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError
+from .weights import printable
 
 MAGIC = 0xDB4775248B80FB57  # kTableMagicNumber, the footer's last 8 bytes
 FOOTER = 48  # two block handles padded to 40 bytes, then the magic number
@@ -62,17 +63,17 @@ def read_bundle(prefix: Path) -> Iterator[tuple[str, torch.Tensor]]:
     sizes = [_size(f) for f in files]
     for name, e in entries.items():
         if e.shard >= shards:
-            raise CheckpointError(f"{index} is truncated or corrupt (tensor {name} is in data shard "
+            raise CheckpointError(f"{index} is truncated or corrupt (tensor {printable(name)} is in data shard "
                                   f"{e.shard}, of {shards})")
         if e.offset + e.size > sizes[e.shard]:
-            raise CheckpointError(f"{files[e.shard]} is truncated or corrupt (tensor {name} needs bytes "
+            raise CheckpointError(f"{files[e.shard]} is truncated or corrupt (tensor {printable(name)} needs bytes "
                                   f"{e.offset}..{e.offset + e.size}, the file has {sizes[e.shard]})")
     for name, e in entries.items():
         data = bytearray(e.size)
         with open(files[e.shard], "rb") as f:  # opened per tensor: there are only ~150
             f.seek(e.offset)
             if f.readinto(data) != e.size:
-                raise CheckpointError(f"{files[e.shard]} is truncated (tensor {name})")
+                raise CheckpointError(f"{files[e.shard]} is truncated (tensor {printable(name)})")
         dtype = DTYPES[e.dtype]
         yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(e.shape)
 
@@ -213,11 +214,11 @@ def _entry(value: bytes) -> Entry:
 
 def _check_entry(name: str, e: Entry, path: Path) -> None:
     if e.dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has TensorFlow dtype {e.dtype}, which is not a "
+        raise CheckpointError(f"{path}: tensor {printable(name)} has TensorFlow dtype {e.dtype}, which is not a "
                               "float or integer type gpt2kit reads")
     want = math.prod(e.shape) * DTYPES[e.dtype].itemsize
     if e.size != want:
-        raise CheckpointError(f"{path} is truncated or corrupt (tensor {name} of shape {e.shape} "
+        raise CheckpointError(f"{path} is truncated or corrupt (tensor {printable(name)} of shape {e.shape} "
                               f"should take {want} bytes, its entry says {e.size})")
 
 

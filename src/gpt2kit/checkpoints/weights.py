@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
@@ -29,12 +30,25 @@ from ..errors import CheckpointError
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# What torch.load raises on damaged bytes: its zip reader (RuntimeError), short reads (EOFError,
+# OSError), and the restricted unpickler running a corrupt opcode stream (IndexError "pop from
+# empty list", KeyError on a missing memo entry, UnicodeDecodeError, struct.error, its own asserts
+# such as "saved_id must be a tuple"; found by tests/test_fuzz_loaders.py). Code it refuses is
+# pickle.UnpicklingError, caught before these.
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, LookupError, TypeError, AttributeError,
+              ArithmeticError, AssertionError, struct.error, MemoryError)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write `tensors` as a safetensors file with the permissions of any other new file."""
     save_file(tensors, path, metadata={"format": "pt"})
     default_permissions(path)
+
+
+def printable(name: str) -> str:
+    """A name read from a file, fit for a one-line message: control characters (a newline in a
+    tensor name) escaped."""
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 def corrupt(path: Path, why: str) -> CheckpointError:
@@ -92,7 +106,7 @@ def _shard_path(index: Path, name: str, suffix: str) -> Path:
         raise CheckpointError(f"{index} names the shard {name!r}; expected a {suffix} file")
     shard = folder / posix
     if not shard.is_file():
-        raise CheckpointError(f"{index} names the shard {name}, which is missing from {folder}")
+        raise CheckpointError(f"{index} names the shard {name!r}, which is missing from {folder}")
     return shard
 
 
@@ -117,7 +131,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     try:
                         tensor = f.get_tensor(key)
                     except SafetensorError as e:
-                        raise corrupt(path, f"tensor {key}: {e}") from None
+                        raise corrupt(path, f"tensor {printable(key)}: {e}") from None
                     yield key, tensor
         else:
             yield from _torch_load(path).items()
@@ -152,8 +166,8 @@ def load_pickle(path: Path, fix: str = "convert it to safetensors") -> object:
         raise CheckpointError(f"unsafe or unsupported pickle content in {path}; {fix}") from None
     except PermissionError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch's zip reader, short reads
-        raise corrupt(path, str(e)) from None
+    except UNREADABLE as e:
+        raise corrupt(path, f"{type(e).__name__}: {e}") from None
 
 
 def describe_dtypes(dtypes: set[torch.dtype]) -> str:
