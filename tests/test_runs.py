@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from gpt2kit.errors import CheckpointError
 from gpt2kit.training import runs
 from gpt2kit.training.runs import Run, RunFolderError
+
+GB = 1024**3
 
 
 def fake_model(value: float):
@@ -212,3 +216,68 @@ def test_logs_truncate_on_resume_and_plot_atomically(tmp_path):
     assert (run.path / runs.PLOT).read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in run.path.iterdir() if ".partial-" in p.name]
 
+
+
+def test_last_good_skips_checkpoints_whose_weights_are_not_finite(tmp_path):
+    run = Run(tmp_path / "run")
+    one, two, three = save(run, 1), save(run, 2, value=float("nan")), save(run, 3, value=float("inf"))
+    assert run.last_good(three) == one and run.last_good(two) == one and run.last_good(one) == one
+    assert run.last_good(None) is None
+    (one / "model.safetensors").write_bytes(b"\x00" * 7)  # unreadable is not good either
+    assert run.last_good(three) is None
+    assert runs.nonfinite([torch.ones(2), torch.tensor([1.0, float("inf")])]) == float("inf")
+    assert str(runs.nonfinite([torch.tensor([float("inf")]), torch.tensor([float("nan")])])) == "nan"
+    assert runs.nonfinite([torch.ones(2), torch.arange(3)]) is None
+
+
+@pytest.mark.parametrize("error", [
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    OSError(errno.EIO, "Input/output error")])
+def test_a_write_failure_with_less_room_than_needed_is_a_full_disk(tmp_path, monkeypatch, error):
+    """Only open() says ENOSPC: a failed write with less free space than the checkpoint needs is
+    reported as a full disk, with the space needed (its tensors' size, the model's included)."""
+    run = Run(tmp_path / "run")
+    good = save(run, 1)
+
+    def failing(folder: Path) -> None:
+        raise error
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * GB, 9 * GB, GB))
+    rng, _ = runs.capture_rng()
+    with pytest.raises(RunFolderError) as e:
+        run.save(2, failing, {}, rng, {}, model_bytes=2 * GB)
+    assert str(e.value) == (f"could not save checkpoint {run.checkpoints / 'step-0000002'}: no space left on "
+                            f"device (1.00 GB free on the disk holding {run.path}, the checkpoint needs about "
+                            f"2.00 GB); the last good checkpoint is {good}")
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * GB, GB, 9 * GB))
+    with pytest.raises(RunFolderError, match="step-0000002: (Error while serializing|Input/output error)"):
+        run.save(2, failing, {}, rng, {}, model_bytes=2 * GB)
+    assert list(run.checkpoints.iterdir()) == [good]
+
+
+def test_torch_saves_failed_write_is_an_os_error(tmp_path, monkeypatch):
+    def unexpected_pos(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534\nframe #0: ...")
+    monkeypatch.setattr(runs.torch, "save", unexpected_pos)
+    with pytest.raises(OSError, match=r"could not write optimizer.pt \(\[enforce fail .* 576 vs 534\)$"):
+        runs.write_tensors({}, tmp_path / "optimizer.pt")
+    assert runs.tensor_bytes({"a": torch.ones(3), "b": [torch.ones(2, dtype=torch.float16), 7], "c": "x"}) == 16
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_notice(tmp_path):
+    run = Run(tmp_path / "run")
+    run.start({})
+    run.append(runs.METRICS, {"step": 1, "loss": 2.0})
+    with open(run.path / runs.METRICS, "ab") as f:
+        f.write(b'{"step": 2, "lo')
+    notes = []
+    assert run.records(warn=notes.append) == [{"step": 1, "loss": 2.0}]
+    assert notes == [f"dropped the torn last line of {run.path / runs.METRICS} (line 2: the run stopped while "
+                     "writing it)"]
+    (run.path / ".metrics.jsonl.partial-0123abcd").write_text("{}")
+    run.truncate_logs(5, warn=notes.append)
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == []
+    assert (run.path / runs.METRICS).read_text() == '{"step": 1, "loss": 2.0}\n'
+    for bad in (b"[1, 2]", b"not json"):  # anywhere but at the end: not a torn write, so not dropped
+        (run.path / runs.METRICS).write_bytes(bad + b'\n{"step": 1}\n')
+        with pytest.raises(RunFolderError, match=r"metrics.jsonl line 1 is not a JSON object; delete that line"):
+            run.records()

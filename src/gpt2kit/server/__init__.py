@@ -28,9 +28,9 @@ def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "
     model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile)
     app = create_app(model, settings, served=model_spec)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    from .listen import Server
+    from .listen import HTTPProtocol, Server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
+                            timeout_graceful_shutdown=settings.shutdown_timeout, http=HTTPProtocol)
     Server(config).run()  # as uvicorn.run(app, ...) does; a failed start exits inside run()
 
 

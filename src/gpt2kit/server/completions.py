@@ -92,9 +92,9 @@ def read_prompts(prompt, model: Model, settings: ServerConfig) -> list[list[int]
 def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: int,
                       settings: ServerConfig) -> GenerationConfig:
     longest = max(len(p) for p in prompts)
-    if longest >= n_ctx and not req.slide:
+    if longest >= n_ctx:  # with or without "slide": the window slides over generated text only
         raise APIError(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has "
-                       f"{longest}. Shorten the prompt, or send \"slide\": true to let the window slide.",
+                       f"{longest}. Shorten the prompt to at most {n_ctx - 1} tokens.",
                        param="prompt", code="context_length_exceeded")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stop):
@@ -128,7 +128,8 @@ def _max_tokens(req: CompletionRequest, longest: int, n_ctx: int, settings: Serv
         if req.max_tokens > room and not req.slide:
             raise APIError(400, f"max_tokens is too large: {req.max_tokens}. This model's maximum context "
                            f"length is {n_ctx} tokens and the prompt has {longest} ({req.max_tokens} > "
-                           f"{n_ctx} - {longest}).", param="max_tokens", code="context_length_exceeded")
+                           f"{n_ctx} - {longest}). Ask for fewer, or send \"slide\": true to let the "
+                           "window slide over the text.", param="max_tokens", code="context_length_exceeded")
     return req.max_tokens  # GenerationConfig rejects 0 and negative values by name
 
 

@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import Gpt2kitError, OptionError, PromptTooLong, TokenizerError
 from .schemas import GENERATION_PARAMS
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         413: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "overloaded_error"}
+# OpenAI's error types; any other 4xx (405, 413, 431, ...) is the client's: invalid_request_error.
+TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+         500: "server_error", 503: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -28,10 +29,14 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return error_body(self.message, TYPES.get(self.status, "server_error"), self.param, self.code)
+        return error_body(self.message, error_type(self.status), self.param, self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_type(status: int) -> str:
+    return TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -67,11 +72,22 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return APIError(e.status_code, str(e.detail)).response()
+        return from_http_exception(request, e).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
         return APIError(500, f"internal error ({type(e).__name__}); the server keeps running").response()
+
+
+def from_http_exception(request: Request, e: StarletteHTTPException) -> APIError:
+    """Starlette's routing errors, saying what to send instead (its Allow header kept)."""
+    message = str(e.detail)
+    if e.status_code == 404:
+        message = f"there is no {request.url.path} on this server; see /docs for the routes"
+    elif e.status_code == 405:
+        allowed = (e.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    return APIError(e.status_code, message, headers=e.headers)
 
 
 def validation_to_api_error(errors: list[dict]) -> APIError:
@@ -81,7 +97,7 @@ def validation_to_api_error(errors: list[dict]) -> APIError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return APIError(400, "the request body is not valid JSON")
-    if not loc or kind in ("model_attributes_type", "dict_type"):
+    if not loc:  # the body itself (an array, a number, null, or not JSON at all)
         return APIError(400, "the request body must be a JSON object (Content-Type: application/json)")
     param = loc[0]
     if param == "prompt":

@@ -1,12 +1,40 @@
-"""uvicorn's server, saying where to find the API and the playground once its socket listens."""
+"""uvicorn's server, saying where to find the API and the playground once its socket listens,
+and its HTTP protocol, answering requests it cannot parse with OpenAI's error body."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from .errors import error_body
 
 log = logging.getLogger("gpt2kit.server")
+
+# What a request uvicorn's parser refuses gets (a malformed request line or header, a header
+# over h11's 16 KB limit, a Content-Length that is not a number, a bad chunk size): the parser
+# says no more than that, so neither does the message.
+BAD_REQUEST = json.dumps(error_body(
+    "the HTTP request is malformed (request line, headers or body framing); it was not read",
+    "invalid_request_error")).encode()
+
+
+class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP/1.1 protocol (h11, or httptools when installed, as uvicorn would pick),
+    with OpenAI's JSON body instead of the plain text "Invalid HTTP request received." on a 400
+    its parser raises before the app sees the request. Passed as `uvicorn.Config(http=...)`."""
+
+    def send_400_response(self, msg: str) -> None:
+        # Written raw, as uvicorn's httptools protocol does: the connection is closed right after,
+        # so h11's state machine (already in error) is not consulted.
+        head = [b"HTTP/1.1 400 Bad Request"]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json", b"content-length: " + str(len(BAD_REQUEST)).encode(),
+                 b"connection: close"]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + BAD_REQUEST)
+        self.transport.close()
 
 
 class Server(uvicorn.Server):

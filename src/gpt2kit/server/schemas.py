@@ -74,7 +74,8 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = Field(default=not _DEFAULTS["stop_at_eos"],
                              description=_NEGATED["stop_at_eos"])
     slide: bool = Field(default=False, description=(
-        "allow prompt + max_tokens beyond the context window: the window slides over the text"))
+        "allow prompt + max_tokens beyond the context window (the prompt itself must fit): the "
+        "window slides over the text as it grows"))
     best_of: int | None = Field(default=None, description="not supported beyond 1")
     suffix: str | None = Field(default=None, description="not supported")
     logit_bias: dict[str, float] | None = Field(default=None, description="not supported")

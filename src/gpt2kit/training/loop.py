@@ -40,7 +40,7 @@ from ..runtime import autocast, resolve_device
 from . import distributed
 from .config import TrainConfig
 from .plan import Plan, ResumeMismatch, plan_steps, settle
-from .runs import METRICS, capture_rng
+from .runs import METRICS, capture_rng, nonfinite, tensor_bytes
 from .samples import write_samples
 from .schedule import MIN_LR_RATIO, get_lr
 from .setup import Parts, State, build, load_for_training, prepare, summary_lines
@@ -61,12 +61,13 @@ class TrainingInterrupted(Stopped):
 
 
 class TrainingDiverged(Gpt2kitError):
-    """The loss (or the gradient norm) became NaN or infinite; the weights were not updated."""
+    """The loss or the gradient norm became NaN or infinite (the weights were not updated), or
+    the weights did (they were not saved). `checkpoint` is the newest one with finite weights."""
 
-    def __init__(self, value: float, step: int, checkpoint: Path | None, what: str = "loss"):
+    def __init__(self, value: float, step: int, checkpoint: Path | None, what: str = "loss is"):
         kind = "NaN" if math.isnan(value) else "infinite"
         good = checkpoint or "none saved yet"
-        super().__init__(f"{what} is {kind} at step {step}; last good checkpoint: {good} "
+        super().__init__(f"{what} {kind} at step {step}; last good checkpoint: {good} "
                          "(try a lower --learning-rate)")
 
 
@@ -181,13 +182,14 @@ def optimizer_step(plan: Plan, parts: Parts, state: State) -> tuple[float, float
         total += loss.detach()
     loss = distributed.mean(parts.world, total).item()
     if not math.isfinite(loss):
-        raise TrainingDiverged(loss, state.step + 1, state.last_checkpoint)
+        raise TrainingDiverged(loss, state.step + 1, parts.run.last_good(state.last_checkpoint))
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = float(torch.nn.utils.clip_grad_norm_(params, plan.cfg.grad_clip or math.inf))
     if scaler is None and not math.isfinite(norm):
-        raise TrainingDiverged(norm, state.step + 1, state.last_checkpoint, what="gradient norm")
+        raise TrainingDiverged(norm, state.step + 1, parts.run.last_good(state.last_checkpoint),
+                               what="gradient norm is")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -259,21 +261,35 @@ def plain_model(parts: Parts, state: State) -> GPT | None:
 
 
 def save(plan: Plan, parts: Parts, state: State) -> None:
-    """A checkpoint of this step (once), made the run folder's model, old ones pruned (rank 0)."""
+    """A checkpoint of this step (once), made the run folder's model, old ones pruned (rank 0).
+    Weights that are not all finite are never saved (TrainingDiverged): a finite loss can still
+    take a step to infinity (a huge learning rate), and a saved checkpoint is published as the
+    run's model and named as the last good one."""
     if state.saved_step == state.step:
         return
     model = plain_model(parts, state)  # under FSDP these two gather on every process
+    bad = nonfinite(saved_tensors(plan, model)) if model is not None else None
+    if distributed.any_process(parts.world, bad is not None, parts.device):
+        raise TrainingDiverged(math.nan if bad is None else bad, state.step,
+                               parts.run.last_good(state.last_checkpoint), what="the weights are")
     optimizer = distributed.optimizer_state(parts.model, parts.optimizer)
     if parts.world.is_main:
         rng, rng_json = capture_rng()
         folder = parts.run.save(state.step, lambda p: write_model(plan, parts, model, p), optimizer,
-                                rng, trainer_state(plan, parts, state, rng_json))
+                                rng, trainer_state(plan, parts, state, rng_json),
+                                model_bytes=tensor_bytes(saved_tensors(plan, model)))
         parts.run.publish(folder)
         parts.run.prune(plan.cfg.keep_checkpoints)
         state.last_checkpoint = folder
         parts.emit({"event": "checkpoint", "step": state.step, "path": str(folder)})
     distributed.barrier(parts.world)
     state.saved_step = state.step
+
+
+def saved_tensors(plan: Plan, model: GPT) -> list[torch.Tensor]:
+    """What a checkpoint keeps of the model: its parameters, or with LoRA the adapters (the
+    trained ones)."""
+    return [p.detach() for p in model.parameters() if plan.lora is None or p.requires_grad]
 
 
 def write_model(plan: Plan, parts: Parts, model: GPT, folder: Path) -> None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import math
 import os
 import pickle
 import random
@@ -35,15 +37,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_folder, remove_folder, remove_stale, write_atomically
 from ..errors import CheckpointError, Gpt2kitError
+from .memory import gb
 
 RUN_FILE, METRICS, SAMPLES, PLOT = "run.json", "metrics.jsonl", "samples.jsonl", "loss.png"
 STATE, OPTIMIZER, RNG, COMPLETE = "trainer_state.json", "optimizer.pt", "rng.pt", "COMPLETE"
 TRAINER_FILES = (STATE, OPTIMIZER, RNG, COMPLETE)
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 STEP_DIR = re.compile(r"step-(\d+)")
+
+log = logging.getLogger("gpt2kit.training")
 
 
 class RunFolderError(Gpt2kitError):
@@ -101,11 +107,23 @@ class Run:
             warn(f"skipping incomplete checkpoint {folder} (missing {', '.join(missing)})")
         return None
 
+    def last_good(self, newest: Path | None) -> Path | None:
+        """`newest` if its weights are all finite, else the newest complete checkpoint before it
+        whose weights are: a checkpoint named as good after a NaN stop must load as a usable model."""
+        if newest is None:
+            return None
+        last = int(STEP_DIR.fullmatch(newest.name)[1])
+        for step, folder in reversed(self.step_dirs()):
+            if step <= last and not missing_files(folder) and saved_weights_finite(folder):
+                return folder
+        return None
+
     def save(self, step: int, write_model, optimizer_state: dict, rng: dict[str, torch.Tensor],
-             state: dict) -> Path:
+             state: dict, model_bytes: int = 0) -> Path:
         """Write checkpoint `step` atomically and return its folder. `write_model(folder)` writes
-        the model or adapter files. On any write error the partial folder is removed and a
-        one-line RunFolderError names the path, the free space and the last good checkpoint."""
+        the model or adapter files (about `model_bytes` bytes). On any write error the partial folder
+        is removed and a one-line RunFolderError names the path, the free space, the space the
+        checkpoint needs and the last good checkpoint."""
         final = self.checkpoints / f"step-{step:07d}"
         previous = self.latest()
         try:
@@ -115,20 +133,26 @@ class Run:
                 write_tensors(rng, tmp / RNG)
                 write_json(tmp / STATE, state)
                 (tmp / COMPLETE).write_text(f"step {step}\n")  # last: its presence vouches for the rest
-        except (OSError, CheckpointError) as e:
-            raise self._save_error(final, e, previous) from None
+        except (OSError, CheckpointError, SafetensorError) as e:
+            need = model_bytes + tensor_bytes(optimizer_state) + tensor_bytes(rng)
+            raise self._save_error(final, e, previous, need) from None
         return final
 
-    def _save_error(self, final: Path, e: Exception, previous: Path | None) -> RunFolderError:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            why = "no space left on device"
+    def _save_error(self, final: Path, e: Exception, previous: Path | None, need: int) -> RunFolderError:
+        """One line: why, how much room there is and is needed, and what is still good. Writers
+        other than open() do not say ENOSPC (safetensors' SafetensorError, torch.save's "unexpected
+        pos"), so a write that failed with less room left than the checkpoint needs is a full disk too."""
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
         try:
-            free = f"{shutil.disk_usage(self.path).free / 1024**3:.2f} GB free"
+            free = shutil.disk_usage(self.path).free
         except OSError:
-            free = "free space unknown"
+            free = None
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < need):
+            why = "no space left on device"
+        room = f"{gb(free)} free" if free is not None else "free space unknown"
         keep = f"the last good checkpoint is {previous}" if previous else "no checkpoint was saved before"
-        return RunFolderError(f"could not save checkpoint {final}: {why} ({free}); {keep}")
+        return RunFolderError(f"could not save checkpoint {final}: {why} ({room} on the disk holding "
+                              f"{self.path}, the checkpoint needs about {gb(need)}); {keep}")
 
     def publish(self, folder: Path, move: bool = False) -> None:
         """Make `folder`'s model files the run folder's top level, one atomic rename per file:
@@ -156,19 +180,33 @@ class Run:
 
     # ---- logs -----------------------------------------------------------------------------
 
-    def records(self, name: str = METRICS) -> list[dict]:
+    def records(self, name: str = METRICS, warn=log.warning) -> list[dict]:
+        """The log's records. A run killed while appending leaves a torn last line: it is dropped,
+        with a `warn`ing; a bad line anywhere else is a RunFolderError naming it."""
         path = self.path / name
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+        found = []
+        for n, line in lines:
+            record = _json_object(line)
+            if record is not None:
+                found.append(record)
+            elif n == lines[-1][0]:
+                warn(f"dropped the torn last line of {path} (line {n}: the run stopped while writing it)")
+            else:
+                raise RunFolderError(f"{path} line {n} is not a JSON object; delete that line and retry")
+        return found
 
-    def truncate_logs(self, step: int) -> None:
-        """On resume, drop log lines written after checkpoint `step` (they will be written again)."""
+    def truncate_logs(self, step: int, warn=log.warning) -> None:
+        """On resume: remove what writers killed outright left behind (the logs' and checkpoints'
+        temporaries), then drop log lines written after checkpoint `step` (they will be written again)."""
+        self.remove_partials()
         for name in (METRICS, SAMPLES):
             if (self.path / name).is_file():
-                kept = [r for r in self.records(name) if r.get("step", 0) <= step]
-                text = "".join(json.dumps(r) + "\n" for r in kept)
-                write_atomically(self.path / name, lambda p: p.write_text(text))
+                kept = [r for r in self.records(name, warn) if r.get("step", 0) <= step]
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+                write_atomically(self.path / name, lambda p: p.write_text(text, encoding="utf-8"))
 
     def append(self, name: str, record: dict) -> None:
         try:
@@ -207,6 +245,18 @@ def missing_files(folder: Path) -> list[str]:
     return missing
 
 
+def _json_object(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -221,8 +271,45 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_tensors(obj, path: Path) -> None:
-    """torch.save of tensors in plain containers (read back with weights_only=True)."""
-    torch.save(obj, path)
+    """torch.save of tensors in plain containers (read back with weights_only=True). Its writer
+    reports a failed write (a full disk among them) as RuntimeError "[enforce fail at
+    inline_container.cc...] unexpected pos": raised here as the OSError it is."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"could not write {path.name} ({_first_line(e)})") from None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in `obj` (nested dicts, lists and tuples): what saving it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(x) for x in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(x) for x in obj)
+    return 0
+
+
+def nonfinite(tensors) -> float | None:
+    """NaN if any floating tensor in `tensors` holds a NaN, else inf if one holds an infinity, else None."""
+    found = None
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if bool(torch.isnan(t).any()):
+                return math.nan
+            found = math.inf
+    return found
+
+
+def saved_weights_finite(folder: Path) -> bool:
+    """Whether the model (or adapter) weights a checkpoint holds are all finite, read one tensor at a time."""
+    path = next(folder / name for name in WEIGHTS if (folder / name).is_file())
+    try:
+        with safe_open(path, framework="pt") as f:
+            return all(nonfinite([f.get_tensor(key)]) is None for key in f.keys())
+    except (OSError, SafetensorError):
+        return False  # unreadable is not good either
 
 
 def read_state_json(path: Path) -> dict:
