@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_folder, remove_folder, remove_stale, write_atomically
+from ..checkpoints.weights import UNREADABLE
 from ..errors import CheckpointError, Gpt2kitError
 from .memory import gb
 
@@ -329,7 +330,7 @@ def load_tensors(path: Path):
     except pickle.UnpicklingError:
         raise CheckpointError(f"unsafe or unsupported pickle content in {path}; "
                               "convert it to safetensors") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except UNREADABLE as e:  # what the restricted unpickler raises on damaged bytes (fuzzed)
         raise CheckpointError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
 
 

@@ -210,7 +210,7 @@ def restore(point: ResumePoint, run: Run, world: World, model: GPT, optimizer: t
         scaler.load_state_dict(point.state["grad_scaler"])
     restore_rng(load_tensors(point.folder / RNG), point.state["rng"])
     if world.is_main:
-        run.truncate_logs(point.step)
+        run.truncate_logs(point.step)  # a torn last line: a warning on the gpt2kit logger
         emit({"event": "note", "message": f"resuming from {point.folder} at step {point.step}"})
 
 
