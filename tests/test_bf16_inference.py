@@ -4,6 +4,8 @@ decode step agreeing with the eager one."""
 
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_float32_head_still_reads_the_embedding_in_place(tiny_model):
 
 
 def test_logits_are_float32_and_close_to_the_float32_model(bf16_model, tiny_model, tiny_folder):
-    """bfloat16 keeps 8 significant bits (relative step 2^-8 = 0.4%); through 2 layers the
+    """bfloat16 keeps 8 significant bits (relative error up to 2^-8 = 0.4%); through 2 layers the
     rounding of weights, activations and residual sums measured at most 0.6% of the largest
     logit. 2% leaves room for other kernels' rounding, while a wrong GELU, a missing bias or a
     transposed weight moves the logits by tens of percent."""
@@ -71,7 +73,7 @@ def test_generate_stream_complete_and_score_in_bfloat16(bf16_model, tiny_model):
     [c] = bf16_model.complete(PROMPTS[1], max_new_tokens=6, logprobs=2, **GREEDY)
     assert len(c.token_ids) == 6 and len(c.logprobs) == 6
     # Greedy takes a most likely token. Not always top[0]: the head's output is rounded to
-    # bfloat16 (relative step 2^-8), and this random model's logits tie at that resolution.
+    # bfloat16 (8 significant bits), and this random model's logits tie at that resolution.
     for chosen in c.logprobs:
         assert math.isfinite(chosen.logprob) and chosen.logprob == chosen.top[0][2] <= 0
     got, want = bf16_model.score(PROMPTS[1]), tiny_model.score(PROMPTS[1])
@@ -82,6 +84,14 @@ def test_generate_stream_complete_and_score_in_bfloat16(bf16_model, tiny_model):
 def test_sampled_generation_is_seeded_in_bfloat16(bf16_model):
     first = bf16_model.generate(PROMPTS[0], max_new_tokens=8, seed=3, temperature=1.0)
     assert first == bf16_model.generate(PROMPTS[0], max_new_tokens=8, seed=3, temperature=1.0)
+
+
+def test_cli_generate_with_dtype_bfloat16(tiny_folder):
+    run = [sys.executable, "-m", "gpt2kit", "generate", "Hello", "-m", str(tiny_folder), "--device", "cpu",
+           "--dtype", "bfloat16", "--max-new-tokens", "5", "--temperature", "0"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello") and len(done.stdout.strip()) > len("Hello")
 
 
 def test_cpu_without_native_bfloat16_warns_once_and_still_works(tiny_folder, monkeypatch, caplog):

@@ -16,7 +16,7 @@ shapes as fixed (they are not re-checked before each call). torch.compile runs o
 of each (rows, max_len) cache shape; both are rounded up to powers of two so a long-lived process
 meets only a few. On CUDA the step runs under mode="reduce-overhead" (CUDA graphs).
 
-On CPU float32, `load(compile=True)` keeps the matrices unpacked
+On CPU (float32 and bfloat16), `load(compile=True)` keeps the matrices unpacked
 (packed_linear.prepare_for_inference(pack=False)): at batch 1 each product is then a kernel
 Inductor generates (packed_linear.PackedLinear.forward), and attention over the one query two
 fused reductions (`OneQueryAttention`, swapped in for each block's `attn.core`); measured (GPT-2

@@ -55,8 +55,9 @@ def lm_head(wte: torch.Tensor, pack: bool) -> "PackedLinear":
     bfloat16: a packed copy (77 MB more for GPT-2's vocabulary), since oneDNN handles an unpacked
     bfloat16 matrix of more than one row far slower (GPT-2 124M, one thread, shared machine,
     interleaved: batch-8 decode 138 against 104 tokens/s; batch 1 the same, 18 tokens/s).
-    Either way the logits come out in bfloat16 (relative step 2^-8; oneDNN on CPU writes a
-    bfloat16 product in bfloat16 only): the decoders and Model.logits widen them to float32."""
+    Either way the logits come out rounded to bfloat16 (8 significant bits, relative error up to
+    2^-8: oneDNN on CPU writes a bfloat16 product in bfloat16 only); the decoders, scoring and
+    Model.logits widen them to float32 before sampling and log-softmax."""
     copy = pack and wte.dtype == torch.bfloat16
     return PackedLinear(wte, pack=copy)
 
