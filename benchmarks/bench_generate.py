@@ -10,6 +10,9 @@ Engines (each skipped with a note when its package or binary is missing; `pip in
   gpt2kit-compile, gpt2kit-int8-compile
                         the same with compile=True (one torch.compile'd decode step; its
                         compilation happens in the warm-up run, outside the timing)
+  gpt2kit-bf16, gpt2kit-bf16-compile
+                        load(folder, dtype="bfloat16") whatever --dtype says (oneDNN's
+                        bfloat16 kernels, AMX where the CPU has it), and with compile=True
   ctranslate2, ctranslate2-int8
                         the folder converted by CTranslate2's own `ct2-transformers-converter`,
                         run as float32 and with compute_type int8
@@ -70,7 +73,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -81,17 +83,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_header
 
 from gpt2kit.runtime import device_option
 
 ENGINES = ("transformers", "gpt2kit", "gpt2kit-int8", "gpt2kit-compile", "gpt2kit-int8-compile",
+           "gpt2kit-bf16", "gpt2kit-bf16-compile",
            "ctranslate2", "ctranslate2-int8", "onnxruntime", "onnxruntime-int8",
            "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0", "llama-bench-f32", "llama-bench-q8_0")
-
-# The x86 flags that say which matrix engines the CPU offers (and so which int8/bf16 kernels
-# the engines can pick): results from machines with and without them don't compare.
-MATRIX_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
-
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,13 +137,14 @@ class Gpt2kit:
 
     def __init__(self, folder: str, args, **options):
         import gpt2kit
-        self.model = gpt2kit.load(folder, device=args.device, dtype=args.dtype, **options)
+        self.model = gpt2kit.load(folder, device=args.device, **{"dtype": args.dtype, **options})
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> int:
         from gpt2kit.config import GenerationConfig
         from gpt2kit.inference.generate import generate_events
         cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eos=False)
-        events = generate_events(self.model.module, self.model.tokenizer, prompts, cfg)
+        events = generate_events(self.model.module, self.model.tokenizer, prompts, cfg,
+                                 decoder=self.model.decoder)  # compiled with compile=True
         done = [e.completion for e in events if e.completion]
         return len(done[0].token_ids)
 
@@ -317,6 +317,8 @@ FACTORIES = {
     "gpt2kit-int8": (Gpt2kit, "gpt2kit", {"quantize": "int8"}),
     "gpt2kit-compile": (Gpt2kit, "gpt2kit", {"compile": True}),
     "gpt2kit-int8-compile": (Gpt2kit, "gpt2kit", {"quantize": "int8", "compile": True}),
+    "gpt2kit-bf16": (Gpt2kit, "gpt2kit", {"dtype": "bfloat16"}),
+    "gpt2kit-bf16-compile": (Gpt2kit, "gpt2kit", {"dtype": "bfloat16", "compile": True}),
     "ctranslate2": (CTranslate2, "ctranslate2", {}),
     "ctranslate2-int8": (CTranslate2, "ctranslate2", {"compute_type": "int8"}),
     "llama.cpp-f32": (LlamaCpp, "llama_cpp", {"type": "f32"}),
@@ -429,28 +431,6 @@ def measure(args, names: list[str], folder: str) -> dict[str, dict[str, list[flo
             for key, s in json.loads(done.stdout.strip().splitlines()[-1]).items():
                 seconds[name].setdefault(key, []).append(s)
     return seconds
-
-
-def machine_header(threads: int) -> str:
-    """One line for the head of a results table: the CPU, which of MATRIX_FLAGS it has (the
-    kernels an engine can use: int8 and bf16 results move with them), torch and the threads."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break  # every core lists the same
-    except OSError:  # not Linux: the flags are unknown, not absent
-        flags = None
-    rest = f"torch {torch.__version__}; {threads} threads"
-    if flags is None:
-        return f"CPU: {name}; matrix flags unknown (no /proc/cpuinfo); {rest}"
-    has = " ".join(f for f in MATRIX_FLAGS if f in flags) or "none"
-    lacks = " ".join(f for f in MATRIX_FLAGS if f not in flags) or "none"
-    return f"CPU: {name}; matrix flags: has {has}, lacks {lacks}; {rest}"
 
 
 def batch_sizes(args) -> list[int]:

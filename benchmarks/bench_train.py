@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_header
+
 from gpt2kit.runtime import device_option
 
 ENGINES = ("gpt2kit", "transformers", "gpt2kit-lora", "gpt2kit-compile")
@@ -169,6 +171,7 @@ def main():
         for _ in range(args.repeats):
             for name in engines:
                 results[name].append(measure(args, name, folder))
+    print(machine_header(args.threads))
     print(f"training step (forward + backward + clip + AdamW), {args.size} shape, random weights, "
           f"batch {args.batch_size} x {args.block_size} tokens, {args.device}, autocast {args.dtype} "
           "where the engine names none, "

@@ -16,7 +16,7 @@ shapes as fixed (they are not re-checked before each call). torch.compile runs o
 of each (rows, max_len) cache shape; both are rounded up to powers of two so a long-lived process
 meets only a few. On CUDA the step runs under mode="reduce-overhead" (CUDA graphs).
 
-On CPU float32, `load(compile=True)` keeps the matrices unpacked
+On CPU (float32 and bfloat16), `load(compile=True)` keeps the matrices unpacked
 (packed_linear.prepare_for_inference(pack=False)): at batch 1 each product is then a kernel
 Inductor generates (packed_linear.PackedLinear.forward), and attention over the one query two
 fused reductions (`OneQueryAttention`, swapped in for each block's `attn.core`); measured (GPT-2
@@ -45,14 +45,15 @@ class OneQueryAttention(ScaledDotProduct):
     """Under compilation, attention for one query per row written as broadcasts and reductions
     that Inductor fuses into two passes over the cache; otherwise the plain kernel. On CPU, SDPA's
     flash kernel took about twice as long for 12 heads of one query over 256 slots (GPT-2 124M):
-    126-165 against 87-105 us per compiled call."""
+    126-165 against 87-105 us per compiled call. Sums and softmax in float32 whatever the
+    cache's dtype (the conversions happen inside the fused kernels' loads)."""
 
     def forward(self, q, k, v, mask):
         if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and mask is not None):
             return super().forward(q, k, v, mask)
-        scores = (q * k).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, nh, S, 1)
+        scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, nh, S, 1)
         scores = scores.masked_fill(~mask.transpose(-1, -2), float("-inf"))
-        return (scores.softmax(dim=2) * v).sum(2, keepdim=True)  # (B, nh, 1, hs)
+        return (scores.softmax(dim=2) * v.float()).sum(2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)
 
 
 class CompiledDecoder:

@@ -1,30 +1,41 @@
-"""CPU float32 inference layout: linears whose weights oneDNN has prepacked once, called with
-plain tensors (`prepare_for_inference`, applied by the API to a model that will only run forward).
+"""CPU inference layout (float32 and bfloat16): linears whose weights oneDNN has prepacked once,
+called with plain tensors (`prepare_for_inference`, applied by the API to a model that will only
+run forward).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
+
+NATIVE_BFLOAT16 = ("amx", "avx512_bf16")  # cpu_bfloat16() answers where bfloat16 pays off
 
 
 def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn.Module:
-    """Inference-only layout choices for CPU float32, applied from outside the model (which stays
-    plain and trainable; these swaps are for a model that will only be run forward).
+    """Inference-only layout choices for CPU float32 and bfloat16, applied from outside the model
+    (which stays plain and trainable; these swaps are for a model that will only be run forward).
 
     Every block matrix is prepacked once for oneDNN's matrix multiply (`PackedLinear`), and the
     MLP's tanh-GELU runs inside its first matrix multiply. Measured on this project's 2-core
     AVX-512 machines, GPT-2 124M shapes, against nn.Linear: 19-30 instead of 10-13 GB/s of
-    weights streamed at batch 1. The tied LM head runs through the same oneDNN op on the
-    embedding matrix as it is (packing it would need a second copy of its 154 MB, since the
-    embedding lookup reads the same rows): 7 ms at batch 1 and 11 ms at batch 8 against 15 and
-    28 ms for nn.Linear (a packed copy: 7 and 8 ms). Same math in float32.
+    weights streamed at batch 1. The tied LM head: see `lm_head`.
+
+    bfloat16 runs the same layout on oneDNN's bfloat16 kernels (AMX tiles for many rows, where
+    the CPU has them; half the bytes per decoded token); accumulation inside a product is float32.
+    Where the CPU has no native bfloat16 (`cpu_bfloat16`), that is said once on the log: the
+    weights still work, emulated, slower than float32; without oneDNN bfloat16 kernels at all the
+    linears stay nn.Linear.
 
     `pack=False` keeps every matrix in its plain layout, for a compiled decode step
     (compiled_decode.py): there, a single row's product is a kernel Inductor generates from the
     plain weight (see `PackedLinear.forward`), which streams it faster than oneDNN does.
     """
     p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not PackedLinear.available():
+    if p.device.type != "cpu" or not packs(p.dtype):
         return model
     for block in model.transformer.h:
         block.attn.c_attn = PackedLinear(block.attn.c_attn.weight, block.attn.c_attn.bias, pack=pack)
@@ -33,19 +44,66 @@ def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn
         mlp.c_fc = PackedLinear(mlp.c_fc.weight, mlp.c_fc.bias, gelu=True, pack=pack)
         mlp.act = torch.nn.Identity()
         mlp.c_proj = PackedLinear(mlp.c_proj.weight, mlp.c_proj.bias, pack=pack)
-    model.lm_head = PackedLinear(model.transformer.wte.weight, pack=False)
+    model.lm_head = lm_head(model.transformer.wte.weight, pack)
     return model
 
 
+def lm_head(wte: torch.Tensor, pack: bool) -> "PackedLinear":
+    """The tied LM head. float32: the same oneDNN op on the embedding matrix as it is; packing it
+    would need a second copy of its 154 MB, since the embedding lookup reads the same rows (7 ms
+    at batch 1 and 11 ms at batch 8 against 15 and 28 ms for nn.Linear; a packed copy: 7 and 8).
+    bfloat16: a packed copy (77 MB more for GPT-2's vocabulary), since oneDNN handles an unpacked
+    bfloat16 matrix of more than one row far slower (GPT-2 124M, one thread, shared machine,
+    interleaved: batch-8 decode 138 against 104 tokens/s; batch 1 the same, 18 tokens/s).
+    Either way the logits come out rounded to bfloat16 (8 significant bits, relative error up to
+    2^-8: oneDNN on CPU writes a bfloat16 product in bfloat16 only); the decoders, scoring and
+    Model.logits widen them to float32 before sampling and log-softmax."""
+    copy = pack and wte.dtype == torch.bfloat16
+    return PackedLinear(wte, pack=copy)
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether prepare_for_inference gives a CPU model of `dtype` the packed layout."""
+    if not PackedLinear.available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.float32:
+        return True
+    kind = cpu_bfloat16()
+    if kind not in NATIVE_BFLOAT16:
+        warn_emulated_bfloat16(kind)
+    return kind is not None
+
+
+@functools.cache
+def cpu_bfloat16() -> str | None:
+    """How this CPU runs oneDNN's bfloat16 matrix products: "amx" (tile units: a 512-row product
+    ~4x float32's here), "avx512_bf16" (native dot products), "emulated" (converted on the vector
+    units: correct, slower than float32), or None (oneDNN has no bfloat16 kernels here)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "emulated"
+    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512_bf16"
+
+
+@functools.cache  # once per process and kind
+def warn_emulated_bfloat16(kind: str | None) -> None:
+    how = "emulated by oneDNN" if kind else "in plain PyTorch kernels"
+    log.warning("bfloat16 weights on a CPU without native bfloat16 products (no avx512_bf16): they "
+                "run %s, correct but slower than float32; --dtype float32 is faster here", how)
+
+
 class PackedLinear(torch.nn.Module):
-    """A float32 CPU inference stand-in for nn.Linear whose weight oneDNN has prepacked, taking
-    and returning ordinary tensors (the op Inductor's CPU backend uses for frozen linears).
+    """A CPU inference stand-in for nn.Linear (float32 or bfloat16) whose weight oneDNN has
+    prepacked, taking and returning ordinary tensors (the op Inductor's CPU backend uses for
+    frozen linears).
     `gelu=True` applies the tanh-GELU inside the same kernel; `pack=False` uses the weight as it
     is, shared with its owner (slower at batch > 1, no copy).
 
     Traced into a compiled graph with a plain weight, a single row's product is written as a
     broadcast and a reduction instead, which Inductor turns into one kernel streaming the weight:
-    ~25 GB/s against oneDNN's 21-22 for GPT-2 124M's matrices on this project's CPUs."""
+    ~25 GB/s against oneDNN's 21-22 for GPT-2 124M's matrices on this project's CPUs. It sums in
+    float32 whatever the weight's dtype (a bfloat16 sum of 768-3072 terms would lose digits)."""
 
     PACK_ROWS = 8  # the row count the packing is tuned for; 1 and 512 rows run as fast with it
 
@@ -69,12 +127,14 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        y = (materialized(x).reshape(1, -1) * self.weight).sum(-1)
+        # .float() on bfloat16 operands becomes a conversion inside the kernel's loads (the
+        # weight is still read as bfloat16); a no-op for float32.
+        y = (materialized(x).reshape(1, -1).float() * self.weight.float()).sum(-1)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.float()
         if self.gelu:
             y = torch.nn.functional.gelu(y, approximate="tanh")
-        return y.view(*x.shape[:-1], -1)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def materialized(x: torch.Tensor) -> torch.Tensor:
