@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gpt2kit
+from gpt2kit import runtime
 from gpt2kit.checkpoints import load_model
 from gpt2kit.kernels import packed_linear
 from gpt2kit.kernels.compiled_decode import CompiledDecoder
@@ -26,11 +27,11 @@ def bf16_model(tiny_folder):
 
 
 def native() -> bool:
-    return packed_linear.cpu_bfloat16() in packed_linear.NATIVE_BFLOAT16
+    return runtime.cpu_has_bf16()
 
 
 def test_bfloat16_load_runs_the_packed_layout(bf16_model):
-    if packed_linear.cpu_bfloat16() is None:  # oneDNN without bfloat16 kernels: plain nn.Linear
+    if runtime.cpu_bfloat16() is None:  # oneDNN without bfloat16 kernels: plain nn.Linear
         pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
     module = bf16_model.module
     block = module.transformer.h[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 
 import torch
 
@@ -69,11 +70,32 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# ---- what this CPU's matrix engines can do (torch's own probes: right on any OS) -------------
+
+NATIVE_BFLOAT16 = ("amx", "avx512_bf16")
+
+
+@functools.cache
+def cpu_bfloat16() -> str | None:
+    """How this CPU runs oneDNN's bfloat16 matrix products: "amx" (tile units: a 512-row product
+    ~4x float32's on this project's CPUs), "avx512_bf16" (native dot products), "emulated"
+    (converted on the vector units: correct, slower than float32), or None (oneDNN has no
+    bfloat16 kernels here)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    if not cpu_has("_is_avx512_bf16_supported"):
+        return "emulated"
+    return "amx" if cpu_has("_is_amx_tile_supported") else "avx512_bf16"
+
+
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic on this CPU: AVX512-BF16 or AMX tiles (oneDNN runs bfloat16
-    products on them). Asked of torch's own CPU feature probe, so it holds on any OS."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    """Native bfloat16 products here: where bfloat16 is faster than float32, not slower."""
+    return cpu_bfloat16() in NATIVE_BFLOAT16
+
+
+def cpu_has(probe: str) -> bool:
+    """torch.cpu's private feature probe `probe` (e.g. "_is_vnni_supported"); absent means no."""
+    return getattr(torch.cpu, probe, lambda: False)()
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

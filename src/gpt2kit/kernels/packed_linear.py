@@ -10,9 +10,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..runtime import NATIVE_BFLOAT16, cpu_bfloat16
 
-NATIVE_BFLOAT16 = ("amx", "avx512_bf16")  # cpu_bfloat16() answers where bfloat16 pays off
+log = logging.getLogger(__name__)
 
 
 def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn.Module:
@@ -26,7 +26,7 @@ def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn
 
     bfloat16 runs the same layout on oneDNN's bfloat16 kernels (AMX tiles for many rows, where
     the CPU has them; half the bytes per decoded token); accumulation inside a product is float32.
-    Where the CPU has no native bfloat16 (`cpu_bfloat16`), that is said once on the log: the
+    Where the CPU has no native bfloat16 (`runtime.cpu_bfloat16`), that is said once on the log: the
     weights still work, emulated, slower than float32; without oneDNN bfloat16 kernels at all the
     linears stay nn.Linear.
 
@@ -72,18 +72,6 @@ def packs(dtype: torch.dtype) -> bool:
     if kind not in NATIVE_BFLOAT16:
         warn_emulated_bfloat16(kind)
     return kind is not None
-
-
-@functools.cache
-def cpu_bfloat16() -> str | None:
-    """How this CPU runs oneDNN's bfloat16 matrix products: "amx" (tile units: a 512-row product
-    ~4x float32's here), "avx512_bf16" (native dot products), "emulated" (converted on the vector
-    units: correct, slower than float32), or None (oneDNN has no bfloat16 kernels here)."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return None
-    if not torch.cpu._is_avx512_bf16_supported():
-        return "emulated"
-    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512_bf16"
 
 
 @functools.cache  # once per process and kind
