@@ -1,4 +1,4 @@
-"""Weight-only int8 (gpt2kit.quantize): the kernels against the dequantized weight, the loaded
+"""int8 (gpt2kit.quantize), weight-only: the kernels against the dequantized weight, the loaded
 model against its float32 self, a trained-then-quantized model's greedy agreement, bad input."""
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from conftest import tiny_hf_model
 
 import gpt2kit
-from gpt2kit.kernels.int8 import FUSED_MAX_ROWS, Int8Embedding, Int8Linear, Int8Products, quantize_rows
+from gpt2kit.kernels.int8 import (
+    FUSED_MAX_ROWS,
+    Int8Embedding,
+    Int8Linear,
+    Int8Products,
+    int8_products_available,
+    quantize_rows,
+)
 from gpt2kit.quantize import compare
 
 
@@ -58,7 +65,14 @@ def test_int8_matmul_in_bfloat16():
     assert torch.allclose(y.float(), F.linear(x, q.float() * scale[:, None]), atol=0.1, rtol=0.02)
 
 
-def test_loaded_int8_model_is_close_to_float32(tiny_folder, tiny_model):
+def weight_only(monkeypatch) -> None:
+    """Load int8 models as on a CPU without VNNI/AMX: weight-only (test_int8_products.py has the
+    int8 x int8 products)."""
+    monkeypatch.setattr(gpt2kit.quantize, "int8_products_available", lambda device_type="cpu": False)
+
+
+def test_loaded_int8_model_is_close_to_float32(tiny_folder, tiny_model, monkeypatch):
+    weight_only(monkeypatch)
     int8 = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
     blocks = int8.module.transformer.h
     assert all(isinstance(m, Int8Linear) for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
@@ -93,7 +107,7 @@ def test_cli_generate_with_quantize(tiny_folder):
 
 
 @pytest.mark.slow
-def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_csv):
+def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_csv, monkeypatch):
     """A model trained on the jokes (a random model's near-uniform logits flip at any
     perturbation) keeps most of its greedy tokens. A regression guard, cheap enough for CI:
     the issue's measurement (>= 95% on a larger model trained longer) is
@@ -112,6 +126,15 @@ def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_cs
     # which any perturbation leaves alone: the agreement below would then prove nothing.
     continuations = reference.complete(prompts, max_new_tokens=24, temperature=0, stop_at_eos=False)
     assert min(len(set(c.token_ids)) for c in continuations) >= 8  # measured 14; undertrained: 1
-    report = compare(reference, gpt2kit.load(result.out, device="cpu", quantize="int8"), prompts, 24)
-    assert report.token_agreement >= 0.85, report  # 0.95 measured; a broken kernel gives < 0.3
-    assert report.logit_mean_error < 0.01 * report.logit_std, report  # measured 0.0053 of the std
+    # int8 x int8 where this CPU has it, then weight-only (measured on the same trained model:
+    # agreement 1.00 and 0.95, logit mean error 0.0123 and 0.0053 of the std). The activations'
+    # rounding (absmax / 127 per token) adds about as much logit error again as the weights'.
+    bars = {True: 0.015, False: 0.01}
+    for int8_activations in sorted({int8_products_available(), False}, reverse=True):
+        if not int8_activations:
+            weight_only(monkeypatch)
+        quantized = gpt2kit.load(result.out, device="cpu", quantize="int8")
+        assert quantized.module.lm_head.products.int8_activations == int8_activations
+        report = compare(reference, quantized, prompts, 24)
+        assert report.token_agreement >= 0.85, report  # a broken kernel gives < 0.3
+        assert report.logit_mean_error < bars[int8_activations] * report.logit_std, report

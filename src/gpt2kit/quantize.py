@@ -1,11 +1,13 @@
-"""Weight-only int8 inference: `gpt2kit.load(..., quantize="int8")`, `--quantize int8`.
+"""int8 inference: `gpt2kit.load(..., quantize="int8")`, `--quantize int8`.
 
 Every matrix (the blocks' linears and the tied embedding / LM head) is stored as int8 with one
-float scale per output row (symmetric, absmax / 127); activations, LayerNorm, attention and the
-KV cache stay in the model's float dtype. A quarter of the float32 weight bytes: decoding one
-sequence streams every weight once per token, so it runs up to 4x faster where memory bandwidth
-is the limit (CPU batch-1 decode). The modules and their kernels are in kernels/int8.py; this
-module swaps them in (`quantize_int8`) and measures what that costs in accuracy (`compare`).
+float scale per output row (symmetric, absmax / 127); LayerNorm, attention and the KV cache stay
+in the model's float dtype. A quarter of the float32 weight bytes: decoding one sequence streams
+every weight once per token, so it runs up to 4x faster where memory bandwidth is the limit (CPU
+batch-1 decode). On CPUs with VNNI or AMX the matrices' inputs are quantized too, a scale per
+token, and multiplied int8 by int8 (issue 15); elsewhere the activations stay float
+(weight-only). The modules and their kernels are in kernels/int8.py; this module swaps them in
+(`quantize_int8`) and measures what that costs in accuracy (`compare`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import torch
 
 from .config import QUANTIZE
 from .errors import OptionError
-from .kernels.int8 import Int8Embedding, Int8Linear, Int8Products, quantize_rows
+from .kernels.int8 import (
+    INT8_ACTIVATION_DTYPES,
+    Int8Embedding,
+    Int8Linear,
+    Int8Products,
+    int8_products_available,
+    quantize_rows,
+)
 from .model import GPT
 
 if TYPE_CHECKING:
@@ -32,8 +41,11 @@ def check_quantize(quantize: str | None) -> None:
 
 def quantize_int8(model: GPT) -> GPT:
     """Replace the model's matrices with int8 ones, in place; returns the model (inference only)."""
-    dtype = model.transformer.wte.weight.dtype
-    products = Int8Products()  # one compiled kernel for all of the model's matrices
+    weight = model.transformer.wte.weight
+    dtype = weight.dtype
+    # one way to multiply for all of the model's matrices (kernels/int8.py)
+    products = Int8Products(int8_activations=dtype in INT8_ACTIVATION_DTYPES
+                            and int8_products_available(weight.device.type))
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
@@ -56,6 +68,7 @@ class Agreement:
     logit_max_error: float  # largest |logit difference|, over the reference's continuations
     logit_mean_error: float
     logit_std: float  # the reference logits' standard deviation, for scale
+    products: str  # how the quantized model multiplied (int8 x int8, or weight-only)
 
 
 def compare(reference: Model, quantized: Model, prompts: Sequence[str], max_new_tokens: int = 32) -> Agreement:
@@ -75,4 +88,4 @@ def compare(reference: Model, quantized: Model, prompts: Sequence[str], max_new_
     return Agreement(token_agreement=same / sum(len(r.token_ids) for r in ref),
                      identical_continuations=sum(r.token_ids == g.token_ids for r, g in zip(ref, got)) / len(ref),
                      logit_max_error=errors.max().item(), logit_mean_error=errors.mean().item(),
-                     logit_std=logits.std().item())
+                     logit_std=logits.std().item(), products=repr(quantized.module.lm_head.products))

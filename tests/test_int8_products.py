@@ -1,0 +1,142 @@
+"""int8 x int8 products (issue 15): activations quantized per token, oneDNN's int8 GEMM, against
+exact integer sums and the float product; a row's result independent of its batch; the path
+taken; the weight-only fallback where the CPU lacks VNNI/AMX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt2kit
+import gpt2kit.quantize
+from gpt2kit.kernels import int8
+from gpt2kit.kernels.int8 import (
+    Int8Linear,
+    Int8Products,
+    int8_products_available,
+    quantize_rows,
+    quantize_tokens,
+)
+
+needs_int8_products = pytest.mark.skipif(not int8_products_available(), reason="no VNNI/AMX int8 products on this CPU")
+
+
+def weights(n: int = 96, k: int = 80, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_rows(torch.randn(n, k, generator=g))
+    return q, scale, torch.randn(n, generator=g)
+
+
+def int8_linear(q, scale, bias) -> Int8Linear:
+    return Int8Linear(q, scale, bias, Int8Products(int8_activations=True))
+
+
+@needs_int8_products
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_product_is_the_exact_integer_sum_scaled(rows):
+    """Each row quantized with its own scale, the int32 sums exact: within float32 rounding of
+    (x_q . w_q) * w_scale * x_scale + bias computed in float64."""
+    q, scale, bias = weights()
+    x = torch.randn(rows, 80, generator=torch.Generator().manual_seed(rows)) * 3
+    linear = int8_linear(q, scale, bias)
+    got = linear(x)
+    assert linear.products.last == "int8 x int8"
+    qx, s = quantize_tokens(x)
+    assert qx.abs().amax(1).eq(127).all() and qx.eq(torch.round(qx)).all()  # whole, spanning int8
+    sums = qx.long() @ q.long().T  # exact
+    expected = sums.double() * scale.double() * s.double() + bias.double()
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_int8_products
+def test_product_is_close_to_the_float_product():
+    """The activations' rounding error is at most half a step (scale / 2) per element, so each
+    output is within scale/2 * sum |w| of the weight-only product x @ w_dequantized.T."""
+    q, scale, bias = weights()
+    x = torch.randn(7, 80, generator=torch.Generator().manual_seed(1))
+    w = q.float() * scale[:, None]
+    reference = F.linear(x, w, bias)
+    bound = quantize_tokens(x)[1] / 2 * w.abs().sum(1) + 1e-5  # (7, 96)
+    error = (int8_linear(q, scale, bias)(x) - reference).abs()
+    assert (error <= bound).all()
+    assert error.max() > 1e-4  # the activations really were quantized (not a float product)
+
+
+@needs_int8_products
+def test_a_rows_result_does_not_depend_on_its_batch():
+    q, scale, bias = weights()
+    x = torch.randn(600, 80, generator=torch.Generator().manual_seed(2))
+    x[3] *= 100  # an outlier row changes no other row's scale
+    linear = int8_linear(q, scale, bias)
+    alone = torch.cat([linear(row) for row in x[:8].split(1)])
+    for rows in (8, 17, 600):  # decode-sized, past the old fused limit, prefill-sized
+        assert torch.equal(linear(x[:rows])[:8], alone)
+
+
+@needs_int8_products
+def test_bfloat16_activations():
+    """Quantized from bfloat16 activations (scales in float32: none past int8's range) and
+    returned in bfloat16: float32's result to bfloat16's precision (a few roundings of 2^-8 of the
+    largest values: the product before its row scale and bias, the scale, the sum)."""
+    q, scale, bias = weights()
+    x = torch.randn(64, 80, generator=torch.Generator().manual_seed(3))
+    y = int8_linear(q, scale.bfloat16(), bias.bfloat16())(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    expected = int8_linear(q, scale, bias)(x)
+    assert (y.float() - expected).abs().max() < 0.015 * expected.abs().max()  # measured 0.009
+
+
+@needs_int8_products
+@pytest.mark.parametrize("rows", [3, 20])  # the traced step's two forms
+def test_the_traced_product_has_the_eager_numerics(rows):
+    """What a compiled decode step runs (Int8Products.traced), here run eagerly: the same
+    quantized activations, float sums of whole numbers (exact up to float32 rounding)."""
+    q, scale, bias = weights()
+    x = torch.randn(rows, 80, generator=torch.Generator().manual_seed(4))
+    linear = int8_linear(q, scale, bias)
+    assert torch.allclose(linear.products.traced(x, q, scale, bias), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_int8_products
+def test_loaded_model_multiplies_int8_by_int8(tiny_folder, tiny_model):
+    model = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
+    products = model.module.lm_head.products
+    assert products.int8_activations and "int8 x int8" in str(model.module)  # print(model) says so
+    prompts = ["Hello there", "A longer prompt than the other one", "Hi"]
+    together = model.complete(prompts, max_new_tokens=6, temperature=0, stop_at_eos=False)
+    assert products.last == "int8 x int8"
+    alone = [model.complete(p, max_new_tokens=6, temperature=0, stop_at_eos=False)[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+    expected = tiny_model.logits(ids)
+    assert (model.logits(ids) - expected).abs().max() < 0.1 * expected.std()  # measured 0.053
+
+
+def test_without_vnni_the_products_stay_weight_only(tiny_folder, monkeypatch):
+    monkeypatch.setattr(gpt2kit.quantize, "int8_products_available", lambda device_type="cpu": False)
+    model = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
+    linear = model.module.transformer.h[0].mlp.c_fc
+    assert not linear.products.int8_activations and linear.packed is None
+    assert "weight-only" in str(model.module)
+    model.complete("Hello", max_new_tokens=2, temperature=0)
+    assert linear.products.last in ("fused", "dequantized")
+
+
+def test_the_cpu_feature_check(monkeypatch):
+    check = int8_products_available.__wrapped__  # past the per-process cache
+    assert not check("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not check("cpu")
+
+
+@needs_int8_products
+def test_a_failing_onednn_int8_kernel_means_weight_only(monkeypatch):
+    check = int8_products_available.__wrapped__
+    assert check("cpu")
+
+    def broken(weight, scale):
+        raise RuntimeError("could not create a primitive descriptor")
+    monkeypatch.setattr(int8.PackedInt8, "of", broken)
+    assert not check("cpu")
