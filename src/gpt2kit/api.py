@@ -30,8 +30,9 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     """Load a GPT-2 from a hub id (`gpt2`, `openai-community/gpt2-large`), a Hugging Face-layout
     folder or a single weights file. `device`: auto | cpu | cuda[:N]; `dtype`: auto | float32 |
     bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU), the dtype of the activations
-    (and of the weights unless quantized); `quantize`: None or "int8" (weight-only int8 with a
-    scale per output channel, see gpt2kit.quantize); `compile`: decode with one torch.compile'd
+    (and of the weights unless quantized); `quantize`: None or "int8" (int8 weights with a
+    scale per output channel; int8 x int8 products with a scale per token on CPUs with VNNI/AMX,
+    weight-only elsewhere: see gpt2kit.quantize); `compile`: decode with one torch.compile'd
     fixed-shape step (CUDA graphs on CUDA; see gpt2kit.kernels.compiled_decode): the first
     generation of each batch shape compiles for seconds to a minute, later ones run faster."""
     check_quantize(quantize)

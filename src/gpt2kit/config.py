@@ -20,7 +20,7 @@ from .errors import OptionError
 SCORE_BATCH_SIZE = 8  # context windows per forward pass: Model.score / evaluate, gpt2kit score / eval
 EMBED_BATCH_SIZE = 16  # texts per forward pass: Model.embed, gpt2kit embed
 POOLS = ("mean", "last")  # how Model.embed pools a text's hidden states; the first is the default
-QUANTIZE = ("int8",)  # gpt2kit.load(quantize=...) and --quantize: weight-only int8 (gpt2kit.quantize)
+QUANTIZE = ("int8",)  # gpt2kit.load(quantize=...) and --quantize: int8 weights (gpt2kit.quantize)
 
 
 # Upper bounds of ModelConfig's sizes, far above any GPT-2 (gpt2-xl: 48 layers, 1600 wide) or

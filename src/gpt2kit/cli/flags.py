@@ -88,8 +88,10 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
     parser.add_argument("--dtype", default="auto",
                         help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quantize", choices=QUANTIZE, default=None,
-                        help="store the weights as int8 (one scale per output channel; activations "
-                        "stay in --dtype): a quarter of the memory, faster decoding on CPU")
+                        help="store the weights as int8 (one scale per output channel): a quarter of "
+                        "the memory, faster on CPU. On CPUs with VNNI/AMX each token's activations are "
+                        "quantized too (a scale per token) and multiplied int8 x int8; elsewhere they "
+                        "stay in --dtype")
     parser.add_argument("--compile", action="store_true",
                         help="decode with a torch.compile'd fixed-shape step (CUDA graphs on CUDA): "
                         "the first generation compiles for up to a minute, later ones run faster")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..runtime import cpu_has
 from .compile_log import compiling
 from .packed_linear import materialized
 
@@ -63,7 +64,7 @@ def int8_products_available(device_type: str = "cpu") -> bool:
     """Whether int8 x int8 products run fast here: a CPU with VNNI or AMX and a torch whose oneDNN
     int8 GEMM works (a small product checked against exact integer sums). The one place gpt2kit
     asks this question."""
-    if device_type != "cpu" or not (_cpu_has("_is_vnni_supported") or _cpu_has("_is_amx_tile_supported")):
+    if device_type != "cpu" or not (cpu_has("_is_vnni_supported") or cpu_has("_is_amx_tile_supported")):
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
@@ -76,10 +77,6 @@ def int8_products_available(device_type: str = "cpu") -> bool:
         return False
     q, scale = quantize_tokens(x)
     return torch.equal(got, (q @ w.float().T) * scale)
-
-
-def _cpu_has(check: str) -> bool:
-    return getattr(torch.cpu, check, lambda: False)()  # torch's private API: absent means no
 
 
 @dataclass(frozen=True)
