@@ -25,7 +25,7 @@ import pytest
 import gpt2kit
 from gpt2kit.training import runs
 
-STEPS = 12
+STEPS = 30  # enough steps that the random kills below land before the end, even on a fast machine
 # Runs gpt2kit's CLI after slowing one writer of the run folder down: "write" sleeps after each
 # tensor file of a checkpoint (optimizer.pt, rng.pt), "publish" after each top-level file is linked.
 CHILD = """
@@ -134,8 +134,8 @@ def test_kill_9_at_many_moments_then_resume_to_the_same_end(tiny_folder, jokes_c
         ("publish", 0.3, lambda s: run.publishing_weights(s), (run.out, ".model.safetensors.")),
         ("none", 0.0, lambda s: run.published(s + 1), None),  # just after a checkpoint appears
         ("write", 0.5, lambda s: run.writing_checkpoint(s), (checkpoints, ".step-")),  # folder just made
-        ("none", 0.0, lambda s: random_delay(run.published(s), rng.uniform(0.0, 1.5)), None),
-        ("none", 0.0, lambda s: random_delay(run.published(s), rng.uniform(0.0, 1.5)), None),
+        ("none", 0.0, lambda s: random_delay(run.published(s), rng.uniform(0.0, 0.5)), None),
+        ("none", 0.0, lambda s: random_delay(run.published(s), rng.uniform(0.0, 0.5)), None),
     ]
     step = 0
     for i, (where, pause, moment, left) in enumerate(moments):

@@ -116,7 +116,9 @@ def test_trained_model_keeps_its_greedy_output_when_quantized(tmp_path, jokes_cs
     data = gpt2kit.DataConfig(path=str(jokes_csv), column="Joke")
     result = gpt2kit.finetune(data, str(tmp_path / "init"), out=str(tmp_path / "run"), block_size=64,
                               batch_size=8, max_steps=240, learning_rate=3e-3, eval_batches=1,
-                              sample_every=0, device="cpu", progress=False)
+                              sample_every=0, device="cpu", dtype="float32", progress=False)
+    # float32 training: the same test model on every machine (auto trains in bfloat16 where the
+    # CPU has it). On the model trained in bfloat16 here, int8 x int8 agreed on 0.79 of tokens.
     assert result.summary["block_size"] == 64  # a training option: DataConfig has no say in it
     with open(jokes_csv, newline="", encoding="utf-8") as f:
         jokes = [row["Joke"] for row in csv.DictReader(f)][-30:]
