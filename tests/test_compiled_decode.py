@@ -47,7 +47,7 @@ def assert_decodes_like(fast_model, plain_model, contexts: list[list[int]], step
             fast.decode(feed)
             plain.decode(feed)
             assert fast.logits.shape == plain.logits.shape == (len(contexts), plain_model.config.vocab_size)
-            assert fast.logits.dtype == torch.float32 and fast.cache.k.dtype == plain.cache.k.dtype
+            assert fast.logits.dtype == torch.float32 and fast.cache.dtype == plain.cache.dtype
             torch.testing.assert_close(fast.logits, plain.logits, atol=atol, rtol=0)
 
 

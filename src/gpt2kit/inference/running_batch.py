@@ -50,7 +50,7 @@ class EagerDecoder:
         return KVCache.for_model(self.model, capacity, max_len)
 
     def __call__(self, cache: KVCache, tokens: list[int], start: int, pads: list[int]) -> torch.Tensor:
-        device = cache.k.device
+        device = cache.device
         idx = torch.tensor(tokens, device=device)[:, None]
         pad = torch.tensor(pads, device=device) if any(pads) else None
         at = Positions.at(start, 1, pad, device)
@@ -95,7 +95,7 @@ class RunningBatch(Generic[R]):
         lo, hi = len(self.rows), len(self.rows) + len(rows)
         pads = [self.start - len(c) for c in contexts]
         first = self.start - longest  # the first slot this prefill writes
-        device = self.cache.k.device
+        device = self.cache.device
         idx = torch.tensor([[0] * (p - first) + c for p, c in zip(pads, contexts)], device=device)
         pad = torch.tensor(pads, device=device) if any(pads) else None
         at = Positions.at(first, idx.shape[1], pad, device)

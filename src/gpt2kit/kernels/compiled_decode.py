@@ -101,8 +101,8 @@ class CompiledDecoder:
         it in place only then; otherwise torch.compile skips the graph capture)."""
         cache = KVCache.for_model(self.model, *self.cache_shape(capacity, max_len))
         if self.cuda:
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for t in cache.tensors():
+                torch._dynamo.mark_static_address(t)
         return cache
 
     def keys(self, start: int, max_len: int, device: torch.device) -> torch.Tensor:
@@ -118,7 +118,7 @@ class CompiledDecoder:
         if _weights_key(self.model) != self.weights:
             raise DeviceError("the model's weights changed dtype or device after its compiled "
                               "decoder was made: make a new CompiledDecoder")
-        device, spare = cache.k.device, cache.batch_size - len(tokens)
+        device, spare = cache.device, cache.batch_size - len(tokens)
         idx = torch.tensor(tokens + [0] * spare, device=device)[:, None]  # (rows, 1)
         pad = torch.tensor(pads + [0] * spare, device=device)  # (rows,)
         slot = torch.tensor([start], device=device)  # a tensor, not an int: no recompile per step
@@ -143,9 +143,9 @@ class CompiledDecoder:
 
 def decode_step(model: GPT, idx, k, v, slot, keys, pad) -> torch.Tensor:
     """Logits (B, V) of the model's forward for tokens idx (B, 1) written at `slot` of the cache
-    (k, v), attending over slots `keys`."""
+    (k, v: lists of per-layer tensors, each its own graph input), attending over slots `keys`."""
     if torch.compiler.is_compiling():  # what the model's size checks need of an unbacked length
-        torch._check(keys.shape[0] <= k.shape[3])
+        torch._check(keys.shape[0] <= k[0].shape[2])
     return model(idx, KVCache(k, v), Positions(slot, keys, pad), last_only=True)[:, 0]
 
 
