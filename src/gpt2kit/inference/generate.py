@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..config import GenerationConfig, sample_seed
-from ..errors import PromptTooLong
+from ..errors import OptionError, PromptTooLong
 from ..model import GPT
 from ..runtime import make_generator
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -82,6 +82,7 @@ class Row:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     reported: int = 0  # logprobs already handed out with events
+    banned: tuple[tuple[int, ...], ...] = ()  # token sequences of cfg.bad_words (banned_sequences)
 
     def context(self, keep: int) -> list[int]:
         return (self.prompt + self.tokens)[-keep:]
@@ -100,6 +101,8 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
     for ids in prompts:
         if len(ids) >= n_ctx:
             raise PromptTooLong(len(ids), n_ctx)
+    check_logit_bias_ids(cfg, tokenizer.vocab_size)
+    banned = banned_sequences(tokenizer, cfg.bad_words)
     sample_indices = sample_indices or [0] * len(prompts)
     prompt_indices = prompt_indices or list(range(len(prompts)))
     return [
@@ -107,9 +110,25 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
             budget=cfg.new_tokens_for(len(ids)),
             generator=None if cfg.greedy else make_generator(row_seed(cfg.seed, j), device),
             decoder=tokenizer.stream_decoder(), prompt_index=i, sample_index=j,
-            logprobs=[] if cfg.logprobs is not None else None)
+            logprobs=[] if cfg.logprobs is not None else None, banned=banned)
         for k, (ids, i, j) in enumerate(zip(prompts, prompt_indices, sample_indices))
     ]
+
+
+def check_logit_bias_ids(cfg: GenerationConfig, vocab: int) -> None:
+    """logit_bias names tokens of this vocabulary (the config alone cannot know its size)."""
+    bad = next((token for token, _ in cfg.logit_bias if not 0 <= token < vocab), None)
+    if bad is not None:
+        raise OptionError("logit_bias", f"names token id {bad}, outside the vocabulary (ids 0 to {vocab - 1})")
+
+
+def banned_sequences(tokenizer: Tokenizer, phrases: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences that bad_words bans: each phrase as written and with a leading space.
+    GPT-2's tokens carry the space before a word (" cat" is one token, "cat" another), so a word
+    in running text is nearly always the spaced form; transformers users must add it by hand.
+    Other spellings of a phrase in tokens (say "c" + "at") are not banned, as in transformers."""
+    variants = [v for p in phrases for v in (p, " " + p) if v == p or not p[0].isspace()]
+    return tuple(dict.fromkeys(tuple(ids) for ids in tokenizer.encode_batch(variants)))
 
 
 def generate_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
@@ -168,7 +187,7 @@ def _new_logprobs(row: Row) -> list[TokenLogprob] | None:
 
 def _choose(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
     """Next token for each row (B,): rows with the same sampling settings are processed together."""
-    logits = _ban_early_eos(logits, rows, eos_id)
+    logits = _token_rules(logits, rows, eos_id)
     groups: dict[tuple, list[int]] = {}
     for r, row in enumerate(rows):
         groups.setdefault(sampling.settings_key(row.cfg), []).append(r)
@@ -187,6 +206,17 @@ def _choose_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
         seen, counts = _history(rows, logits)
     return sampling.choose(logits, cfg, [row.generator for row in rows], seen, counts)
+
+
+def _token_rules(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
+    """Each row's own bans and biases, before the sampling chain: <|endoftext|> before
+    min_new_tokens, banned phrases, then logit_bias (which never lifts a ban)."""
+    logits = _ban_early_eos(logits, rows, eos_id)
+    if any(row.banned for row in rows):
+        keep = [max(map(len, row.banned), default=1) - 1 for row in rows]  # what a ban can look back at
+        contexts = [row.context(k) if k else [] for row, k in zip(rows, keep)]
+        logits = sampling.ban_sequences(logits, contexts, [row.banned for row in rows])
+    return sampling.apply_logit_bias(logits, [row.cfg.logit_bias for row in rows])
 
 
 def _ban_early_eos(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
