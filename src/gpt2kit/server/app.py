@@ -1,8 +1,9 @@
 """The HTTP layer: `create_app(model, settings)` builds the FastAPI app over one scheduler.
 
 Routes: POST /v1/completions (plain or server-sent events), GET /v1/models, POST /tokenize and
-/detokenize (tokens.py), GET /metrics (metrics.py), GET /health, and the playground page at /. Handlers only check, queue and translate: decoding happens on the
-scheduler's thread, never on the event loop.
+/detokenize (tokens.py), GET /metrics (metrics.py), GET /health, and the playground page at /.
+Handlers only check, queue and translate: decoding happens on the scheduler's thread, never on
+the event loop.
 """
 
 from __future__ import annotations

@@ -60,10 +60,10 @@ def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: s
     prompts = read_prompts(req.prompt, model, settings)
     try:
         cfg = generation_config(req, prompts, model.config.n_positions, settings)
-        rows = [] if scoring_only(req) else make_rows(model.tokenizer, [p for p in prompts for _ in range(cfg.n)], cfg,
-                         model.config.n_positions, model.device,
-                         sample_indices=[j for _ in prompts for j in range(cfg.n)],
-                         prompt_indices=[i for i in range(len(prompts)) for _ in range(cfg.n)])
+        rows = [] if scoring_only(req) else make_rows(
+            model.tokenizer, [p for p in prompts for _ in range(cfg.n)], cfg, model.config.n_positions,
+            model.device, sample_indices=[j for _ in prompts for j in range(cfg.n)],
+            prompt_indices=[i for i in range(len(prompts)) for _ in range(cfg.n)])
     except Gpt2kitError as e:
         raise from_gpt2kit(e) from None
     return Plan(req, cfg, prompts, rows, served, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
