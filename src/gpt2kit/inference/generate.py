@@ -209,24 +209,18 @@ def _choose_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 
 
 def _token_rules(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
-    """Each row's own bans and biases, before the sampling chain: <|endoftext|> before
-    min_new_tokens, banned phrases, then logit_bias (which never lifts a ban)."""
-    logits = _ban_early_eos(logits, rows, eos_id)
-    if any(row.banned for row in rows):
-        keep = [max(map(len, row.banned), default=1) - 1 for row in rows]  # what a ban can look back at
+    """Each row's own bans and biases, before the sampling chain: its banned phrases and, until
+    it has min_new_tokens, <|endoftext|> (a one-token ban); then logit_bias (never lifting a ban)."""
+    sequences = [row.banned + (((eos_id,),) if _too_early_to_end(row) else ()) for row in rows]
+    if any(sequences):
+        keep = [max(map(len, seqs), default=1) - 1 for seqs in sequences]  # what a ban looks back at
         contexts = [row.context(k) if k else [] for row, k in zip(rows, keep)]
-        logits = sampling.ban_sequences(logits, contexts, [row.banned for row in rows])
+        logits = sampling.ban_sequences(logits, contexts, sequences)
     return sampling.apply_logit_bias(logits, [row.cfg.logit_bias for row in rows])
 
 
-def _ban_early_eos(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
-    """<|endoftext|> is banned for rows that have not yet generated min_new_tokens."""
-    early = [row.cfg.stop_at_eos and len(row.tokens) < row.cfg.min_new_tokens for row in rows]
-    if not any(early):
-        return logits
-    ban = torch.zeros_like(logits, dtype=torch.bool)
-    ban[:, eos_id] = torch.tensor(early, device=logits.device)
-    return logits.masked_fill(ban, sampling.NEG_INF)
+def _too_early_to_end(row: Row) -> bool:
+    return row.cfg.stop_at_eos and len(row.tokens) < row.cfg.min_new_tokens
 
 
 def _history(rows: list[Row], logits: torch.Tensor):
