@@ -273,3 +273,100 @@ def test_the_chain_matches_transformers_default_order(vocab):
     ours = sampling.process(logits, GenerationConfig(**options), seen=seen)
     assert torch.equal(ours, chain(input_ids, logits))
     assert (kept_per_row(ours) < 50).all()  # top-p and min-p did cut after top-k
+
+
+# ---- per-row token rules: logit_bias and banned phrases ----------------------------------------
+
+def random_biases(vocab: int, seed: int, count: int = 5) -> tuple[tuple[int, float], ...]:
+    """`count` distinct tokens with biases strictly inside (-100, 100): the ends are exact, below."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(vocab, generator=g)[:count].tolist()
+    return tuple((t, float(b)) for t, b in zip(ids, (torch.rand(count, generator=g) * 190 - 95).tolist()))
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_logit_bias_matches_transformers_sequence_bias_row_by_row(vocab):
+    from transformers import SequenceBiasLogitsProcessor
+    logits = random_logits(vocab, seed=9, neg_inf=0.2)
+    biases = [random_biases(vocab, seed=r, count=min(5, vocab)) for r in range(logits.shape[0])]
+    biases[1] = ()  # a row without biases, beside rows with them
+    before = logits.clone()
+    ours = sampling.apply_logit_bias(logits, biases)
+    assert torch.equal(logits, before)
+    for r, pairs in enumerate(biases):
+        theirs = logits[r:r + 1] if not pairs else SequenceBiasLogitsProcessor(
+            [[[t], b] for t, b in pairs])(torch.zeros(1, 3, dtype=torch.long), logits[r:r + 1])
+        assert torch.equal(ours[r:r + 1], theirs), r
+    assert not torch.equal(ours[0], logits[0])
+
+
+def test_logit_bias_ends_ban_and_force_exactly():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0], [5.0, 1.0, 0.0, -1.0], [5.0, INF, 0.0, -1.0]])
+    out = sampling.apply_logit_bias(logits, [((0, -100.0),), ((2, 100.0), (3, 100.0)), ((1, 100.0), (2, 3.0))])
+    assert out[0].tolist() == [INF, 1.0, 0.0, -1.0]  # 5 - 100 would still be finite: banned outright
+    assert kept(out[1:2]) == {2, 3}  # only the forced tokens stay, their logits raised by 100
+    assert out[1, 2] == 100.0 and out[1, 3] == 99.0
+    assert out[2].tolist() == [5.0, INF, 3.0, -1.0]  # a banned token is not lifted by forcing it
+    assert sampling.apply_logit_bias(logits, [(), (), ()]) is logits
+
+
+def bad_words_case(vocab: int, seed: int):
+    """Histories over a few tokens (so phrases do match) and per-row phrase lists that include
+    each row's own ending, a one-token phrase and phrases that do not match."""
+    g = torch.Generator().manual_seed(seed)
+    histories = torch.randint(0, min(vocab, 4), (4, 10), generator=g)
+    phrases = []
+    for r in range(4):
+        own = tuple(histories[r, -2:].tolist()) + (r + 1,)  # matches row r: bans token r + 1
+        other = tuple(torch.randint(0, min(vocab, 4), (3,), generator=g).tolist())
+        phrases.append((own, other, (vocab - 1,)) if r != 2 else ())
+    return histories, phrases
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_banned_sequences_match_transformers_bad_words_row_by_row(vocab):
+    from transformers import NoBadWordsLogitsProcessor
+    logits = random_logits(vocab, seed=10, neg_inf=0.2)
+    histories, phrases = bad_words_case(vocab, seed=vocab)
+    ours = sampling.ban_sequences(logits, [h.tolist() for h in histories], phrases)
+    for r, seqs in enumerate(phrases):
+        theirs = logits[r:r + 1] if not seqs else NoBadWordsLogitsProcessor(
+            [list(s) for s in seqs])(histories[r:r + 1], logits[r:r + 1])
+        assert torch.equal(ours[r:r + 1], theirs), r
+    assert torch.isinf(ours[0, 1]) and torch.isinf(ours[0, vocab - 1])  # both kinds of ban happened
+    assert torch.equal(ours[2], logits[2])
+
+
+def test_banned_sequences_look_back_only_as_far_as_given():
+    """A phrase longer than the context given cannot match (the caller passes the last
+    len(phrase) - 1 tokens)."""
+    logits = torch.zeros(1, 5)
+    assert sampling.ban_sequences(logits, [[1]], [((0, 1, 2),)]) is logits
+    assert torch.isinf(sampling.ban_sequences(logits, [[0, 1]], [((0, 1, 2),)])[0, 2])
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(logit_bias={"5": 101}), "bias of token 5 must be a number in [-100, 100], got 101"),
+    (dict(logit_bias={"5": float("nan")}), "bias of token 5 must be a number in [-100, 100]"),
+    (dict(logit_bias={"x": 1}), "keys must be token ids (integers), got 'x'"),
+    (dict(logit_bias={1.5: 1}), "keys must be token ids (integers), got 1.5"),
+    (dict(logit_bias=("5",)), "must be given as ID=BIAS (e.g. 50256=-100), got '5'"),
+    (dict(logit_bias=("5=high",)), "bias of token 5 must be a number in [-100, 100], got high"),
+    (dict(logit_bias={str(i): 1 for i in range(301)}), "may bias at most 300 tokens, got 301"),
+    (dict(bad_words=("",)), "phrases must be non-empty text, got ''"),
+    (dict(bad_words=(3,)), "phrases must be non-empty text, got 3"),
+])
+def test_token_rules_refuse_bad_values_by_name(options, fragment):
+    from gpt2kit.errors import OptionError
+    with pytest.raises(OptionError) as e:
+        GenerationConfig(**options)
+    assert e.value.field == next(iter(options)) and fragment in e.value.problem
+
+
+def test_token_rules_accept_the_forms_api_cli_and_server_give():
+    expected = ((11, -100.0), (50256, 2.5))
+    for given in ({50256: 2.5, 11: -100}, {"50256": 2.5, "11": -100}, ("50256=2.5", "11=-100"),
+                  [(11, -100), (50256, 2.5)]):
+        assert GenerationConfig(logit_bias=given).logit_bias == expected, given
+    assert GenerationConfig(bad_words="a cat").bad_words == ("a cat",)
+    assert GenerationConfig(bad_words=["x", "x", "y"]).bad_words == ("x", "y")

@@ -114,7 +114,7 @@ def test_an_unknown_path_is_not_found(url):
 
 OUT_OF_RANGE = {"max_new_tokens": 0, "min_new_tokens": -1, "temperature": 2.5, "top_k": -1, "top_p": 0,
                 "min_p": 1.5, "repetition_penalty": 0, "presence_penalty": 3, "frequency_penalty": -3,
-                "n": 0, "seed": -1, "stop": [""], "logprobs": 21}
+                "n": 0, "seed": -1, "stop": [""], "logprobs": 21, "logit_bias": {"5": 101}, "bad_words": [""]}
 
 
 def test_every_served_field_has_a_bad_value_here():

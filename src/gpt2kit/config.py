@@ -81,6 +81,9 @@ PRESETS: dict[str, dict] = {
 }
 
 DEFAULT_MAX_NEW_TOKENS = 200
+# Most logit_bias entries and bad_words phrases per request: a bounded cost per decoding step, and
+# far fewer than GPT-2's 50,257 tokens, so bans cannot leave a row without a token to choose.
+MAX_TOKEN_RULES = 300
 
 
 def check_finite(name: str, value) -> float:
@@ -137,6 +140,14 @@ class GenerationConfig:
     logprobs: int | None = field(default=None, metadata={
         "help": "also return the log-probability of each chosen token and of the top N "
         "alternatives, N in [0, 20] (default: off)"})
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={
+        "help": "add BIAS to token ID's logit before sampling, BIAS in [-100, 100], as OpenAI's "
+        "logit_bias: -100 bans the token, 100 forces it (or one of the forced tokens); at most "
+        f"{MAX_TOKEN_RULES} tokens", "metavar": "ID=BIAS"})
+    bad_words: tuple[str, ...] = field(default=(), metadata={
+        "help": "a phrase never to generate, as transformers' bad_words_ids: its last token is banned "
+        "wherever the text ends with the rest of it; banned as written and after a space (\"cat\" "
+        f"also bans \" cat\"); at most {MAX_TOKEN_RULES} phrases", "metavar": "PHRASE"})
 
     def __post_init__(self):
         if self.max_new_tokens is not None and check_integer("max_new_tokens", self.max_new_tokens) < 1:
@@ -175,6 +186,8 @@ class GenerationConfig:
                 raise OptionError("stop", f"strings must be non-empty text, got {s!r}")
         if self.logprobs is not None and not 0 <= check_integer("logprobs", self.logprobs) <= 20:
             raise OptionError("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
+        object.__setattr__(self, "bad_words", check_phrases(self.bad_words))
 
     @property
     def greedy(self) -> bool:
@@ -190,6 +203,62 @@ class GenerationConfig:
         if self.max_length is not None:
             return max(1, self.max_length - prompt_len)
         return self.max_new_tokens
+
+
+def check_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a {id: bias} mapping (JSON's keys are
+    strings of digits), (id, bias) pairs, or "ID=BIAS" strings (the CLI's --logit-bias)."""
+    if isinstance(value, str) or not isinstance(value, (dict, list, tuple)):
+        raise OptionError("logit_bias", f"must map token ids to biases, got {value!r}")
+    pairs = value.items() if isinstance(value, dict) else [_bias_pair(item) for item in value]
+    biases = {_token_id(key): _bias(key, bias) for key, bias in pairs}
+    if len(biases) > MAX_TOKEN_RULES:
+        raise OptionError("logit_bias", f"may bias at most {MAX_TOKEN_RULES} tokens, got {len(biases)}")
+    return tuple(sorted(biases.items()))
+
+
+def _bias_pair(item) -> tuple:
+    if isinstance(item, str):
+        key, sep, bias = item.partition("=")
+        if not sep:
+            raise OptionError("logit_bias", f"must be given as ID=BIAS (e.g. 50256=-100), got {item!r}")
+        return key.strip(), bias.strip()
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        raise OptionError("logit_bias", f"entries must be (token id, bias) pairs, got {item!r}")
+    return tuple(item)
+
+
+def _token_id(key) -> int:
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise OptionError("logit_bias", f"keys must be token ids (integers), got {key!r}")
+    return key
+
+
+def _bias(key, bias) -> float:
+    value = bias
+    if isinstance(bias, str):  # from ID=BIAS
+        try:
+            value = float(bias)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        raise OptionError("logit_bias", f"bias of token {key} must be a number in [-100, 100], got {bias}")
+    return float(value)
+
+
+def check_phrases(value) -> tuple[str, ...]:
+    """bad_words as a tuple of non-empty strings (one string is one phrase)."""
+    phrases = (value,) if isinstance(value, str) else value
+    if not isinstance(phrases, (list, tuple)):
+        raise OptionError("bad_words", f"must be a list of phrases, got {value!r}")
+    for phrase in phrases:
+        if not isinstance(phrase, str) or not phrase:
+            raise OptionError("bad_words", f"phrases must be non-empty text, got {phrase!r}")
+    if len(phrases) > MAX_TOKEN_RULES:
+        raise OptionError("bad_words", f"may hold at most {MAX_TOKEN_RULES} phrases, got {len(phrases)}")
+    return tuple(dict.fromkeys(phrases))
 
 
 def sample_seed(seed: int, sample_index: int) -> int:

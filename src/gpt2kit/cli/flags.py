@@ -9,7 +9,7 @@ from ..config import QUANTIZE, GenerationConfig, option_fields
 from ..errors import OptionError
 
 # Fields whose flag is not simply --field-name (the CLI keeps the names users know).
-FLAGS = {"n": ("-n", "--num-samples"), "stop_at_eos": ("--ignore-eos",)}
+FLAGS = {"n": ("-n", "--num-samples"), "stop_at_eos": ("--ignore-eos",), "bad_words": ("--ban",)}
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,7 +49,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         elif kind == "bool":
             group.add_argument(*names, dest=dest, action="store_true", default=None, help=f.metadata["help"])
         elif kind.startswith("tuple"):
-            group.add_argument(*names, dest=dest, action="append", default=None, metavar="TEXT",
+            group.add_argument(*names, dest=dest, action="append", default=None,
+                               metavar=f.metadata.get("metavar", "TEXT"),
                                help=f.metadata["help"] + " (may be repeated)")
         else:
             group.add_argument(*names, dest=dest, type=SCALARS.get(kind, str), default=None,

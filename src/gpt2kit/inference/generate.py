@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..config import GenerationConfig, sample_seed
-from ..errors import PromptTooLong
+from ..errors import OptionError, PromptTooLong
 from ..model import GPT
 from ..runtime import make_generator
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -82,6 +82,7 @@ class Row:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     reported: int = 0  # logprobs already handed out with events
+    banned: tuple[tuple[int, ...], ...] = ()  # token sequences of cfg.bad_words (banned_sequences)
 
     def context(self, keep: int) -> list[int]:
         return (self.prompt + self.tokens)[-keep:]
@@ -100,6 +101,8 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
     for ids in prompts:
         if len(ids) >= n_ctx:
             raise PromptTooLong(len(ids), n_ctx)
+    check_logit_bias_ids(cfg, tokenizer.vocab_size)
+    banned = banned_sequences(tokenizer, cfg.bad_words)
     sample_indices = sample_indices or [0] * len(prompts)
     prompt_indices = prompt_indices or list(range(len(prompts)))
     return [
@@ -107,9 +110,25 @@ def make_rows(tokenizer: Tokenizer, prompts: list[list[int]], cfg: GenerationCon
             budget=cfg.new_tokens_for(len(ids)),
             generator=None if cfg.greedy else make_generator(row_seed(cfg.seed, j), device),
             decoder=tokenizer.stream_decoder(), prompt_index=i, sample_index=j,
-            logprobs=[] if cfg.logprobs is not None else None)
+            logprobs=[] if cfg.logprobs is not None else None, banned=banned)
         for k, (ids, i, j) in enumerate(zip(prompts, prompt_indices, sample_indices))
     ]
+
+
+def check_logit_bias_ids(cfg: GenerationConfig, vocab: int) -> None:
+    """logit_bias names tokens of this vocabulary (the config alone cannot know its size)."""
+    bad = next((token for token, _ in cfg.logit_bias if not 0 <= token < vocab), None)
+    if bad is not None:
+        raise OptionError("logit_bias", f"names token id {bad}, outside the vocabulary (ids 0 to {vocab - 1})")
+
+
+def banned_sequences(tokenizer: Tokenizer, phrases: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences that bad_words bans: each phrase as written and with a leading space.
+    GPT-2's tokens carry the space before a word (" cat" is one token, "cat" another), so a word
+    in running text is nearly always the spaced form; transformers users must add it by hand.
+    Other spellings of a phrase in tokens (say "c" + "at") are not banned, as in transformers."""
+    variants = [v for p in phrases for v in (p, " " + p) if v == p or not p[0].isspace()]
+    return tuple(dict.fromkeys(tuple(ids) for ids in tokenizer.encode_batch(variants)))
 
 
 def generate_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]],
@@ -168,7 +187,7 @@ def _new_logprobs(row: Row) -> list[TokenLogprob] | None:
 
 def _choose(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
     """Next token for each row (B,): rows with the same sampling settings are processed together."""
-    logits = _ban_early_eos(logits, rows, eos_id)
+    logits = _token_rules(logits, rows, eos_id)
     groups: dict[tuple, list[int]] = {}
     for r, row in enumerate(rows):
         groups.setdefault(sampling.settings_key(row.cfg), []).append(r)
@@ -189,14 +208,19 @@ def _choose_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return sampling.choose(logits, cfg, [row.generator for row in rows], seen, counts)
 
 
-def _ban_early_eos(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
-    """<|endoftext|> is banned for rows that have not yet generated min_new_tokens."""
-    early = [row.cfg.stop_at_eos and len(row.tokens) < row.cfg.min_new_tokens for row in rows]
-    if not any(early):
-        return logits
-    ban = torch.zeros_like(logits, dtype=torch.bool)
-    ban[:, eos_id] = torch.tensor(early, device=logits.device)
-    return logits.masked_fill(ban, sampling.NEG_INF)
+def _token_rules(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
+    """Each row's own bans and biases, before the sampling chain: its banned phrases and, until
+    it has min_new_tokens, <|endoftext|> (a one-token ban); then logit_bias (never lifting a ban)."""
+    sequences = [row.banned + (((eos_id,),) if _too_early_to_end(row) else ()) for row in rows]
+    if any(sequences):
+        keep = [max(map(len, seqs), default=1) - 1 for seqs in sequences]  # what a ban looks back at
+        contexts = [row.context(k) if k else [] for row, k in zip(rows, keep)]
+        logits = sampling.ban_sequences(logits, contexts, sequences)
+    return sampling.apply_logit_bias(logits, [row.cfg.logit_bias for row in rows])
+
+
+def _too_early_to_end(row: Row) -> bool:
+    return row.cfg.stop_at_eos and len(row.tokens) < row.cfg.min_new_tokens
 
 
 def _history(rows: list[Row], logits: torch.Tensor):

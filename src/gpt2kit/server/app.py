@@ -1,8 +1,9 @@
 """The HTTP layer: `create_app(model, settings)` builds the FastAPI app over one scheduler.
 
-Routes: POST /v1/completions (plain or server-sent events), GET /v1/models, GET /health, and the
-playground page at /. Handlers only check, queue and translate: decoding happens on the
-scheduler's thread, never on the event loop.
+Routes: POST /v1/completions (plain or server-sent events), GET /v1/models, POST /tokenize and
+/detokenize (tokens.py), GET /metrics (metrics.py), GET /health, and the playground page at /.
+Handlers only check, queue and translate: decoding happens on the scheduler's thread, never on
+the event loop.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..api import Model
 from ..config import GenerationConfig
-from ..inference.generate import Completion
-from . import completions, errors
+from ..inference.generate import Completion, Event
+from . import completions, errors, tokens
 from .completions import Plan
 from .errors import APIError
+from .metrics import CountRequests, Metrics
 from .scheduler import Job, JobFailed, QueueFull, Scheduler
 from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from .schemas import Completion as CompletionBody
@@ -34,7 +36,9 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 
 def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
     served = settings.served_model_name or served or model.source
-    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder)
+    metrics = Metrics(lambda: scheduler.load)
+    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder,
+                          on_step=metrics.step)
     created = int(time.time())
 
     @asynccontextmanager
@@ -47,8 +51,11 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
                   lifespan=lifespan)
     app.state.scheduler = scheduler
     app.add_middleware(RequestLimits, limit=settings.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts refusals (413, 431) too
     errors.install(app)
     auth = [Depends(bearer_check(settings.api_key))]
+    app.include_router(tokens.router(model, settings, served), dependencies=auth)
+    app.include_router(metrics.router(), dependencies=auth)
 
     page = playground_page()
 
@@ -67,18 +74,13 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     @app.post("/v1/completions", response_model=CompletionBody, dependencies=auth, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):
         plan = completions.plan(body, model, settings, served)
+        metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
         echoes = await _prompt_logprobs(plan, model)
-        try:
-            job = scheduler.submit(plan.rows)
-        except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except JobFailed as e:
-            raise APIError(503, str(e)) from None
+        job = _submit(scheduler, plan) if plan.rows else None  # None: only scoring, nothing to generate
         if body.stream:
             return StreamingResponse(_stream(plan, job, model, scheduler, echoes),
                                      media_type="text/event-stream")
-        done = await _collect(job, scheduler, request)
+        done = await _collect(job, scheduler, request) if job else completions.scored(plan)
         return completions.response(plan, done, model, echoes)
 
     return app
@@ -103,6 +105,16 @@ def bearer_check(api_key: str | None):
         if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
     return check
+
+
+def _submit(scheduler: Scheduler, plan: Plan) -> Job:
+    try:
+        return scheduler.submit(plan.rows)
+    except QueueFull as e:
+        raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except JobFailed as e:
+        raise APIError(503, str(e)) from None
 
 
 async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
@@ -142,21 +154,32 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(plan: Plan, job: Job, model: Model, scheduler: Scheduler,
+async def _events(job: Job | None, plan: Plan) -> AsyncIterator[Event | JobFailed]:
+    """A job's events as they come; without a job (nothing to generate), each choice's end."""
+    if job is None:
+        for index, completion in enumerate(completions.scored(plan)):
+            yield Event(index, "", completion)
+        return
+    while (item := await job.events.get()) is not None:
+        yield item
+
+
+async def _stream(plan: Plan, job: Job | None, model: Model, scheduler: Scheduler,
                   echoes: dict[int, list]) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, then usage if asked for, then [DONE].
     An error after the response has started can only be reported in the stream itself."""
-    offsets = [0] * len(plan.rows)
+    offsets = [0] * plan.choices
     done: list[Completion] = []
+    first = job.first if job else 0
     try:
         if plan.request.echo:
-            for index in range(len(plan.rows)):
+            for index in range(plan.choices):
                 yield _echo_chunk(plan, index, model, echoes, offsets)
-        while (item := await job.events.get()) is not None:
+        async for item in _events(job, plan):
             if isinstance(item, JobFailed):
                 yield f"data: {APIError(500, str(item)).response().body.decode()}\n\n"
                 break
-            index = item.row - job.first
+            index = item.row - first
             logprobs = None
             if item.logprobs is not None:
                 logprobs = completions.logprobs_body(item.logprobs, offsets[index])
@@ -173,7 +196,8 @@ async def _stream(plan: Plan, job: Job, model: Model, scheduler: Scheduler,
                 yield completions.chunk(plan, [], completions.usage(plan, done))
         yield "data: [DONE]\n\n"
     finally:
-        scheduler.cancel(job)  # a client that left frees its rows at the next step
+        if job is not None:
+            scheduler.cancel(job)  # a client that left frees its rows at the next step
 
 
 def _echo_chunk(plan: Plan, index: int, model: Model, echoes: dict, offsets: list[int]) -> str:

@@ -36,19 +36,34 @@ class Plan:
     def choice_prompt(self, choice: int) -> list[int]:
         return self.prompts[choice // self.cfg.n]
 
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.cfg.n
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """A request names the served model, or no model."""
+    if requested is not None and requested != served:
+        raise APIError(404, f"the model {requested!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
+
+
+def scoring_only(req: CompletionRequest) -> bool:
+    """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated. This is how
+    lm-eval's local-completions model and OpenAI's legacy API score a text."""
+    return req.echo and req.max_tokens == 0
+
 
 def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: str) -> Plan:
-    if req.model is not None and req.model != served:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {served!r}",
-                       param="model", code="model_not_found")
+    check_model(req.model, served)
     _refuse_unsupported(req)
     prompts = read_prompts(req.prompt, model, settings)
     try:
         cfg = generation_config(req, prompts, model.config.n_positions, settings)
-        rows = make_rows(model.tokenizer, [p for p in prompts for _ in range(cfg.n)], cfg,
-                         model.config.n_positions, model.device,
-                         sample_indices=[j for _ in prompts for j in range(cfg.n)],
-                         prompt_indices=[i for i in range(len(prompts)) for _ in range(cfg.n)])
+        rows = [] if scoring_only(req) else make_rows(
+            model.tokenizer, [p for p in prompts for _ in range(cfg.n)], cfg, model.config.n_positions,
+            model.device, sample_indices=[j for _ in prompts for j in range(cfg.n)],
+            prompt_indices=[i for i in range(len(prompts)) for _ in range(cfg.n)])
     except Gpt2kitError as e:
         raise from_gpt2kit(e) from None
     return Plan(req, cfg, prompts, rows, served, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
@@ -59,8 +74,6 @@ def _refuse_unsupported(req: CompletionRequest) -> None:
         raise APIError(400, "best_of > 1 is not supported; ask for n choices instead", param="best_of")
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported by GPT-2", param="suffix")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
 
 def read_prompts(prompt, model: Model, settings: ServerConfig) -> list[list[int]]:
@@ -92,19 +105,24 @@ def read_prompts(prompt, model: Model, settings: ServerConfig) -> list[list[int]
 def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: int,
                       settings: ServerConfig) -> GenerationConfig:
     longest = max(len(p) for p in prompts)
-    if longest >= n_ctx:  # with or without "slide": the window slides over generated text only
+    # With or without "slide", the prompt must leave room for one token (the window slides over
+    # generated text only); a prompt that is only scored may fill the window.
+    most = n_ctx if scoring_only(req) else n_ctx - 1
+    if longest > most:
         raise APIError(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has "
-                       f"{longest}. Shorten the prompt to at most {n_ctx - 1} tokens.",
+                       f"{longest}. Shorten the prompt to at most {most} tokens.",
                        param="prompt", code="context_length_exceeded")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stop):
         raise APIError(400, f"stop takes at most {settings.max_stop} strings of at most "
                        f"{settings.max_stop_chars} characters", param="stop")
-    # Every served option by its request name (schemas.GENERATION_PARAMS), then the three that
-    # need more than a copy: max_tokens checked against the room, stop as a tuple, ignore_eos negated.
+    # Every served option by its request name (schemas.GENERATION_PARAMS), then those that need
+    # more than a copy: max_tokens checked against the room, stop as a tuple, ignore_eos negated,
+    # logit_bias's null (OpenAI's "none") as no biases.
     options = {name: getattr(req, param) for name, param in GENERATION_PARAMS.items()}
     cfg = GenerationConfig(**{**options, "max_new_tokens": _max_tokens(req, longest, n_ctx, settings),
-                              "stop": tuple(stop), "stop_at_eos": not req.ignore_eos})
+                              "stop": tuple(stop), "stop_at_eos": not req.ignore_eos,
+                              "logit_bias": req.logit_bias or {}})
     if cfg.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} on this server, got {cfg.n}", param="n")
     total = cfg.max_new_tokens * cfg.n * len(prompts)
@@ -117,6 +135,11 @@ def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: i
 def _max_tokens(req: CompletionRequest, longest: int, n_ctx: int, settings: ServerConfig) -> int:
     """The request's max_tokens, checked against the caps and the room the prompt leaves; if it is
     not given, the default, cut to that room."""
+    if req.max_tokens == 0:
+        if scoring_only(req):
+            return 1  # nothing is generated (no rows are made); the other options are still checked
+        raise APIError(400, "max_tokens must be at least 1, got 0 (0 only with echo: true, which "
+                       "returns the prompt and, with logprobs, scores it)", param="max_tokens")
     limit = settings.max_tokens_limit
     room = n_ctx - longest
     if req.max_tokens is None:
@@ -153,6 +176,14 @@ def prompt_logprobs(model: Model, ids: list[int], top_n: int) -> list[TokenLogpr
     logits = model.logits([ids])[0]
     first = TokenLogprob(ids[0], model.tokenizer.decode(ids[:1]), None, [])
     return [first] + [token_logprob(logits[t - 1], ids[t], top_n, model.tokenizer) for t in range(1, len(ids))]
+
+
+def scored(plan: Plan) -> list[Completion]:
+    """The choices of a request that generates nothing (scoring_only): each ends at once."""
+    return [Completion(text="", token_ids=[], finish_reason="length", prompt_tokens=len(plan.choice_prompt(k)),
+                       prompt_index=k // plan.cfg.n, sample_index=k % plan.cfg.n,
+                       logprobs=None if plan.cfg.logprobs is None else [])
+            for k in range(plan.choices)]
 
 
 def usage(plan: Plan, completions: list[Completion]) -> Usage:

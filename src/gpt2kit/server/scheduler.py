@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -45,6 +47,7 @@ class Job:
     cancelled: bool = False
     started: bool = False
     unfinished: int = 0
+    queued: float = field(default_factory=time.perf_counter)  # when it was submitted (metrics)
 
     def deliver(self, item: Event | JobFailed | None) -> None:
         """Called from the scheduler thread: an event, a failure, or None when all rows are done."""
@@ -56,8 +59,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int,
-                 decoder: Decoder | None = None):
+                 decoder: Decoder | None = None,
+                 on_step: Callable[[list[Row], list[float]], None] | None = None):
         self.model = model
+        self.on_step = on_step  # told after each step: the rows that got a token, their jobs' queue times
         self.decoder = decoder  # each decode step's (None: the model's forward, eagerly)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -124,7 +129,11 @@ class Scheduler:
                 try:
                     if joining:
                         batch.join(joining, [row.prompt for row in joining])
-                    self._dispatch(take_tokens(batch, self.tokenizer))
+                    rows = list(batch.rows)
+                    events = take_tokens(batch, self.tokenizer)
+                    if self.on_step is not None:
+                        self.on_step(rows, [self._running[row.index].queued for row in rows])
+                    self._dispatch(events)
                     feed_tokens(batch)
                 except Exception as e:  # never let one bad step end the server
                     log.exception("decoding step failed")

@@ -78,7 +78,9 @@ class CompletionRequest(BaseModel):
         "window slides over the text as it grows"))
     best_of: int | None = Field(default=None, description="not supported beyond 1")
     suffix: str | None = Field(default=None, description="not supported")
-    logit_bias: dict[str, float] | None = Field(default=None, description="not supported")
+    logit_bias: dict[str, float] | None = Field(default=None, description=(
+        "token id (as a string) -> bias: " + _HELP["logit_bias"]))
+    bad_words: list[str] = Field(default_factory=list, description=_HELP["bad_words"])
 
 
 class Logprobs(BaseModel):
