@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ..api import Model
 from ..config import GenerationConfig
 from ..inference.generate import Completion
-from . import completions, errors
+from . import chat, completions, errors
 from .completions import Plan
 from .errors import APIError
 from .scheduler import Job, JobFailed, QueueFull, Scheduler
@@ -49,6 +49,7 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     app.add_middleware(RequestLimits, limit=settings.max_body_bytes)
     errors.install(app)
     auth = [Depends(bearer_check(settings.api_key))]
+    app.include_router(chat.router(model, settings, served, scheduler, auth))
 
     page = playground_page()
 
