@@ -138,7 +138,8 @@ class ChatTemplate:
 
     def _assistant_spans(self, text: str, messages: list[Message]) -> list[tuple[int, int]]:
         """Each message's content found in order; an assistant span runs on over a stop string or
-        end-of-text right after it (the model must learn to end its turn). Templates that drop a
+        end-of-text right after it, or to the end of a text that ends with it (the model must learn
+        to end its turn). Templates that drop a
         system or user message are fine; one that rewrites an assistant's text cannot be trained on."""
         spans, at = [], 0
         for m in messages:
@@ -151,7 +152,7 @@ class ChatTemplate:
             at = start + len(m.content)
             if m.role == "assistant":
                 end = at + next((len(s) for s in (EOS_MARK, *self.stop) if text.startswith(s, at)), 0)
-                spans.append((start, end))
+                spans.append((start, len(text) if not text[end:].strip() else end))  # a last turn: to the end
         return spans
 
 
