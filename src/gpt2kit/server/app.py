@@ -24,7 +24,7 @@ from ..inference.generate import Completion
 from . import chat, completions, errors
 from .completions import Plan
 from .errors import APIError
-from .scheduler import Job, JobFailed, QueueFull, Scheduler
+from .scheduler import Job, JobFailed, Scheduler
 from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
@@ -69,17 +69,11 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     async def create_completion(body: CompletionRequest, request: Request):
         plan = completions.plan(body, model, settings, served)
         echoes = await _prompt_logprobs(plan, model)
-        try:
-            job = scheduler.submit(plan.rows)
-        except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except JobFailed as e:
-            raise APIError(503, str(e)) from None
+        job = completions.submit(scheduler, plan)
         if body.stream:
             return StreamingResponse(_stream(plan, job, model, scheduler, echoes),
                                      media_type="text/event-stream")
-        done = await _collect(job, scheduler, request)
+        done = await completions.collect(job, scheduler, request)
         return completions.response(plan, done, model, echoes)
 
     return app
@@ -112,35 +106,6 @@ async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
         return {}
     return {i: await asyncio.to_thread(completions.prompt_logprobs, model, ids, plan.cfg.logprobs)
             for i, ids in enumerate(plan.prompts)}
-
-
-async def _collect(job: Job, scheduler: Scheduler, request: Request) -> list[Completion]:
-    """Wait for every row of a non-streamed job; cancel it as soon as the client goes away."""
-    done: dict[int, Completion] = {}
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        while True:
-            get = asyncio.ensure_future(job.events.get())
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                get.cancel()
-                raise APIError(499, "the client closed the connection")
-            item = get.result()
-            if item is None:
-                return [done[k] for k in sorted(done)]
-            if isinstance(item, JobFailed):
-                raise APIError(500, str(item))
-            if item.completion is not None:
-                done[item.row - job.first] = item.completion
-    finally:
-        gone.cancel()
-        scheduler.cancel(job)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _stream(plan: Plan, job: Job, model: Model, scheduler: Scheduler,
