@@ -56,8 +56,8 @@ def test_assistant_mask_covers_replies_and_their_end_of_turn(tok):
     assert len(ids) == len(mask)
     trained = tok.decode([t for t, m in zip(ids, mask) if m])
     # " Hello!" (the space after "Assistant:" rides on the first token), then "\nUser:" that ends
-    # the turn, then " 4"; nothing of the system or user text
-    assert trained == " Hello!\nUser: 4"
+    # the turn, then " 4" and the newline that ends the conversation; nothing of the system or user text
+    assert trained == " Hello!\nUser: 4\n"
     ids, mask = encode_chat(tok, DIALOGPT.render(TALK))
     trained = [t for t, m in zip(ids, mask) if m]
     assert trained == tok.encode("Hello!") + [tok.eos_id] + tok.encode("4") + [tok.eos_id]
@@ -67,7 +67,7 @@ def test_mask_with_multibyte_text(tok):
     talk = [{"role": "user", "content": "東京は"}, {"role": "assistant", "content": "🤗 café"}]
     ids, mask = encode_chat(tok, BUILTIN.render(talk))
     assert tok.decode(ids) == BUILTIN.render_text(talk, add_generation_prompt=False)
-    assert tok.decode([t for t, m in zip(ids, mask) if m]) == " 🤗 café"
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == " 🤗 café\n"  # to the end: the last turn
 
 
 def test_jinja_file_renders_like_transformers(tmp_path, tok):
