@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gpt2kit"
 
 # A module's wing: its first component below gpt2kit, or a named group of top-level modules.
 GROUPS = {"config": "core", "errors": "core", "model": "core", "tokenizer": "core", "runtime": "core",
-          "atomic": "core", "lora": "checkpoints", "convert": "checkpoints", "api": "api", "quantize": "api",
+          "atomic": "core", "chat": "core", "lora": "checkpoints", "convert": "checkpoints", "api": "api", "quantize": "api",
           "__init__": "package", "__main__": "cli"}
 # Who may import whom. Dependencies point inward: cli/server -> api/training -> kernels ->
 # inference -> core. Fast paths (kernels) are applied only by the API and the training setup.

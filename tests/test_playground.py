@@ -214,3 +214,80 @@ def test_api_key_field_is_sent(browser, tiny_model):
             sync_api.expect(page.locator("#context-size")).to_have_text("64")
         finally:
             page.close()
+
+
+# ---- the chat tab ----------------------------------------------------------------------------
+
+def chat_tab(page) -> None:
+    page.click("#tab-chat")
+    sync_api.expect(page.locator("#message")).to_be_visible()
+    sync_api.expect(page.locator("#generate")).to_have_text("Send")
+    assert page.locator("#prompt").is_hidden() and page.locator("#n").is_hidden()
+
+
+def send(page, text: str) -> None:
+    page.fill("#message", text)
+    generate(page)
+
+
+def turns(page) -> list[tuple[str, str]]:
+    """(class, text) of each turn in the chat log."""
+    log = page.locator("#chat-log .turn")
+    return [(log.nth(i).get_attribute("class").split()[1], log.nth(i).locator(".content").text_content())
+            for i in range(log.count())]
+
+
+def chat_answer(server: str, messages: list[dict], **options) -> str:
+    body = {"messages": messages, **options}
+    return httpx.post(server + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+
+
+def test_chat_tab_keeps_the_conversation_and_streams_the_api_answer(page, server):
+    chat_tab(page)
+    for id_ in ("system", "message"):
+        assert page.locator(f'label[for="{id_}"]').count() == 1, f"#{id_} has no label"
+    page.fill("#system", "Be brief.")
+    fill_options(page, max_tokens="8", seed="5")
+    send(page, "Hi there")
+    assert page.locator("#error").text_content() == "" and "Done" in page.locator("#status").text_content()
+    options = {"max_tokens": 8, "seed": 5, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    system = {"role": "system", "content": "Be brief."}
+    first = chat_answer(server, [system, {"role": "user", "content": "Hi there"}], **options)
+    assert turns(page) == [("user", "Hi there"), ("assistant", first)] and first
+    assert page.locator("#message").input_value() == ""
+
+    page.fill("#message", "And then?")
+    page.press("#message", "Enter")  # Enter sends
+    sync_api.expect(page.locator("#chat-log .turn")).to_have_count(4)
+    sync_api.expect(page.locator("#generate")).to_be_enabled()
+    history = [system, {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "And then?"}]
+    assert turns(page)[3] == ("assistant", chat_answer(server, history, **options))
+
+    page.click("#reset-chat")
+    assert turns(page) == []
+    send(page, "Hi there")  # a new chat: the first answer again
+    assert turns(page) == [("user", "Hi there"), ("assistant", first)]
+
+
+def test_a_refused_chat_message_is_shown_and_given_back(page):
+    chat_tab(page)
+    fill_options(page, max_tokens="64")
+    send(page, "Hello")
+    sync_api.expect(page.locator("#error")).to_contain_text("max_tokens is too large")
+    assert turns(page) == [] and page.locator("#message").input_value() == "Hello"
+
+
+def test_the_tabs_keep_their_own_output(page, server):
+    page.fill("#prompt", PROMPT)
+    fill_options(page, max_tokens="5", seed="1")
+    generate(page)
+    text = completion(page, 0)
+    chat_tab(page)
+    assert page.locator("#output").is_hidden()
+    send(page, "Hi")
+    page.click("#tab-completion")
+    sync_api.expect(page.locator("#generate")).to_have_text("Generate")
+    assert page.locator("#chat-log").is_hidden() and completion(page, 0) == text
+    page.click("#tab-chat")
+    assert [role for role, _ in turns(page)] == ["user", "assistant"]

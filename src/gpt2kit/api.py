@@ -6,10 +6,11 @@ import ctypes
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from .chat import ChatTemplate, Message, choose_template, prompt_ids, template_file
 from .checkpoints import LoadedModel, load_model
 from .config import EMBED_BATCH_SIZE, POOLS, SCORE_BATCH_SIZE, DataConfig, GenerationConfig, ModelConfig
 from .errors import OptionError, TokenizerError
@@ -26,7 +27,8 @@ from .tokenizer import Tokenizer
 
 
 def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
-         revision: str | None = None, quantize: str | None = None, compile: bool = False) -> "Model":
+         revision: str | None = None, quantize: str | None = None, compile: bool = False,
+         chat_template: str | Path | None = None) -> "Model":
     """Load a GPT-2 from a hub id (`gpt2`, `openai-community/gpt2-large`), a Hugging Face-layout
     folder or a single weights file. `device`: auto | cpu | cuda[:N]; `dtype`: auto | float32 |
     bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU), the dtype of the activations
@@ -34,8 +36,10 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     scale per output channel; int8 x int8 products with a scale per token on CPUs with VNNI/AMX,
     weight-only elsewhere: see gpt2kit.quantize); `compile`: decode with one torch.compile'd
     fixed-shape step (CUDA graphs on CUDA; see gpt2kit.kernels.compiled_decode): the first
-    generation of each batch shape compiles for seconds to a minute, later ones run faster."""
+    generation of each batch shape compiles for seconds to a minute, later ones run faster;
+    `chat_template`: a Jinja chat template file for `Model.chat` (default: see `Model.chat_template`)."""
     check_quantize(quantize)
+    template = None if chat_template is None else template_file(chat_template)  # a bad file fails first
     dev = resolve_device(device)
     loaded = load_model(str(spec), dev, resolve_dtype(dtype, dev), revision=revision)
     n_params = count_parameters(loaded.model).model  # before packing turns them into buffers
@@ -46,7 +50,9 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
-    return Model(loaded, tokenizer, n_params, quantize, decoder)
+    model = Model(loaded, tokenizer, n_params, quantize, decoder)
+    model.chat_template = template
+    return model
 
 
 def release_free_heap() -> None:
@@ -84,6 +90,7 @@ class Model:
         self.tokenizer = tokenizer
         self.source = loaded.source
         self.loaded = loaded
+        self._chat_template: ChatTemplate | None = None  # chosen on first use (chat_template)
         if tokenizer.vocab_size > self.config.vocab_size:
             raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                  f"{self.config.vocab_size}; the checkpoint's tokenizer files do not match it")
@@ -137,12 +144,7 @@ class Model:
     def complete(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
                  **options) -> list[Completion]:
         """Like `generate`, with token ids, finish reason and (optionally) log-probabilities."""
-        cfg, prompts, samples, indices = self._plan(prompt, config, options)
-        done: list[Completion | None] = [None] * len(prompts)
-        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices, self.decoder):
-            if event.completion is not None:
-                done[event.row] = event.completion
-        return done
+        return self._complete(self._encode_prompts(prompt), _options(config, options))
 
     def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None,
                  **options) -> list[str]:
@@ -156,22 +158,65 @@ class Model:
         `print(piece, end="")` streams one prompt) that also says whose it is: `prompt_index`,
         `sample_index`, and `finish_reason` on the last piece of each (prompt, sample). Several
         prompts or samples are generated together, their pieces interleaved as they come."""
-        cfg, prompts, samples, indices = self._plan(prompt, config, options)
+        return self._stream(self._encode_prompts(prompt), _options(config, options))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """How `chat` turns messages into a prompt (gpt2kit.chat): the template given to `load`
+        or set here (a ChatTemplate or a Jinja file's path), else the checkpoint's own, else
+        DialoGPT's convention for a DialoGPT checkpoint, else the built-in User:/Assistant: one."""
+        if self._chat_template is None:
+            self._chat_template = choose_template(None, self.loaded.folder)
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: ChatTemplate | str | Path | None) -> None:
+        self._chat_template = template_file(template) if isinstance(template, (str, Path)) else template
+
+    def chat(self, messages: Sequence[Message | Mapping], config: GenerationConfig | None = None,
+             **options) -> list[Completion]:
+        """The assistant's next turn in a conversation (`Message`s or {"role", "content"} dicts;
+        roles system, user, assistant): `n` completions, rendered with `chat_template`, whose
+        stop strings are added to `stop`. The text is the reply alone."""
+        ids, cfg = self._chat_prompt(messages, _options(config, options))
+        return self._complete([ids], cfg)
+
+    def chat_stream(self, messages: Sequence[Message | Mapping], config: GenerationConfig | None = None,
+                    **options) -> Iterator[Piece]:
+        """`chat`, piece by piece as `stream` yields them."""
+        ids, cfg = self._chat_prompt(messages, _options(config, options))
+        return self._stream([ids], cfg)
+
+    def chat_prompt_ids(self, messages: Sequence[Message | Mapping]) -> list[int]:
+        """The token ids `chat` continues for `messages` (to measure a conversation's length)."""
+        return prompt_ids(self.tokenizer, self.chat_template, messages)
+
+    def _chat_prompt(self, messages, cfg: GenerationConfig) -> tuple[list[int], GenerationConfig]:
+        template = self.chat_template
+        ids = prompt_ids(self.tokenizer, template, messages)
+        return ids, replace(cfg, stop=tuple(dict.fromkeys(cfg.stop + template.stop)))
+
+    def _encode_prompts(self, prompt) -> list[list[int]]:
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise OptionError("prompt", "must be a string or a non-empty list of strings")
+        return self.tokenizer.encode_batch(texts)
+
+    def _complete(self, encoded: list[list[int]], cfg: GenerationConfig) -> list[Completion]:
+        prompts, samples, indices = _rows(encoded, cfg)
+        done: list[Completion | None] = [None] * len(prompts)
+        for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices, self.decoder):
+            if event.completion is not None:
+                done[event.row] = event.completion
+        return done
+
+    def _stream(self, encoded: list[list[int]], cfg: GenerationConfig) -> Iterator[Piece]:
+        prompts, samples, indices = _rows(encoded, cfg)
         for event in generate_events(self.module, self.tokenizer, prompts, cfg, samples, indices, self.decoder):
             done = event.completion
             if event.text or done is not None:
                 yield Piece(event.text, prompt_index=indices[event.row], sample_index=samples[event.row],
                             finish_reason=done.finish_reason if done is not None else None)
-
-    def _plan(self, prompt, config: GenerationConfig | None, options: dict):
-        """Options, then one row per (prompt, sample): token ids, sample and prompt indices."""
-        cfg = replace(config or GenerationConfig(), **options) if options else (config or GenerationConfig())
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise OptionError("prompt", "must be a string or a non-empty list of strings")
-        encoded = self.tokenizer.encode_batch(texts)
-        rows = [(ids, j, i) for i, ids in enumerate(encoded) for j in range(cfg.n)]
-        return cfg, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     def evaluate(self, data, stride: int | None = None, **data_options) -> Scores:
         """Token-level loss and perplexity of a file's documents (a path or a DataConfig; CSV,
@@ -200,3 +245,14 @@ class Model:
             "device": str(self.device),
             "tokenizer": self.tokenizer.source,
         }
+
+
+def _options(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    """A config with keyword options over it (keywords win)."""
+    return replace(config or GenerationConfig(), **options) if options else (config or GenerationConfig())
+
+
+def _rows(encoded: list[list[int]], cfg: GenerationConfig) -> tuple[list[list[int]], list[int], list[int]]:
+    """One row per (prompt, sample): token ids, sample indices and prompt indices."""
+    rows = [(ids, j, i) for i, ids in enumerate(encoded) for j in range(cfg.n)]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]

@@ -270,6 +270,7 @@ def sample_seed(seed: int, sample_index: int) -> int:
 
 
 ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+DATA_FORMATS = ("text", "chat")
 
 
 @dataclass(frozen=True)
@@ -298,16 +299,32 @@ class DataConfig:
         "help": "validation data, read like the training data (default: hold out --val-fraction)"})
     cache_dir: str | None = _field(default=None, metadata={
         "help": "folder for tokenized data (default: $GPT2KIT_CACHE or ~/.cache/gpt2kit/data)"})
+    format: str = _field(default="text", metadata={
+        "help": "text (each document is text to learn) or chat (a .jsonl file of conversations, one "
+        '{"messages": [{"role": ..., "content": ...}, ...]} per line, rendered with the chat template; '
+        "the loss is on the assistant's turns only) (default text)"})
+    train_on_all_tokens: bool = _field(default=False, metadata={
+        "help": "with --format chat: put the loss on every token, system and user turns too "
+        "(default: the assistant's turns only)"})
+    chat_template: str | None = _field(default=None, metadata={
+        "help": "with --format chat: a Jinja chat template file (default: the model's own, "
+        "DialoGPT's turns for DialoGPT, else plain User:/Assistant: turns)"})
 
     def __post_init__(self):
-        for name in ("path", "column", "field", "val_file", "cache_dir"):
+        for name in ("path", "column", "field", "val_file", "cache_dir", "chat_template"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, value := os.fspath(value))
             if (value is not None or name == "path") and (not isinstance(value, str) or not value):
                 raise OptionError(name, f"must be a non-empty string, got {value!r}")
-        if not isinstance(self.line_by_line, bool):
-            raise OptionError("line_by_line", f"must be true or false, got {self.line_by_line!r}")
+        for name in ("line_by_line", "train_on_all_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.format not in DATA_FORMATS:
+            raise OptionError("format", f"must be one of {', '.join(DATA_FORMATS)}; got {self.format!r}")
+        if self.format != "chat" and (self.train_on_all_tokens or self.chat_template is not None):
+            name = "train_on_all_tokens" if self.train_on_all_tokens else "chat_template"
+            raise OptionError(name, "applies with --format chat only")
         try:
             codecs.lookup(self.encoding)
         except (LookupError, TypeError):

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import Gpt2kitError, OptionError
+from .chat import CHAT_EXAMPLES, configure_chat, run_chat
 from .flags import Parser, flag_of
 from .generate import GENERATE_EXAMPLES, configure_generate, run_generate
 from .messages import show_library_messages
@@ -40,6 +41,7 @@ def _version() -> str:
 
 COMMANDS = {
     "generate": (run_generate, configure_generate, "continue prompts with a GPT-2 model"),
+    "chat": (run_chat, configure_chat, "a conversation with a model in the terminal; during it: /reset, /save PATH, /quit"),
     "info": (run_info, configure_info, "describe a model: architecture, size, dtype, tokenizer, source"),
     "finetune": (run_finetune, configure_finetune, "fine-tune GPT-2 on your text (or train one from scratch)"),
     "eval": (run_eval, configure_eval, "token-level loss and perplexity of a model on a file"),
@@ -50,7 +52,7 @@ COMMANDS = {
 }
 
 
-EXAMPLES = {"generate": GENERATE_EXAMPLES, "finetune": FINETUNE_EXAMPLES, "serve": SERVE_EXAMPLES,
+EXAMPLES = {"generate": GENERATE_EXAMPLES, "chat": CHAT_EXAMPLES, "finetune": FINETUNE_EXAMPLES, "serve": SERVE_EXAMPLES,
             "score": SCORE_EXAMPLES, "embed": EMBED_EXAMPLES, "convert": CONVERT_EXAMPLES}
 
 

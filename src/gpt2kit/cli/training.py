@@ -50,7 +50,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-READ_ONLY_DATA = ("path", "val_fraction", "val_file", "cache_dir")
+READ_ONLY_DATA = ("path", "val_fraction", "val_file", "cache_dir", "format", "train_on_all_tokens", "chat_template")
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..chat import Message, to_messages
 from ..errors import InputFileError, OptionError
 
 if TYPE_CHECKING:  # annotations only
@@ -64,8 +65,9 @@ def check_input(cfg: DataConfig) -> None:
     """Fail fast, before a model is loaded or a token is cut, on a missing file, a wrong --column or
     --field, or no text at all, in the training or the validation data: a mistake costs seconds,
     not a model download. Reading the first piece of text runs every check a full read would."""
+    read = conversations if cfg.format == "chat" else pieces
     for path, what in zip(input_paths(cfg), ("training", "validation")):
-        if next(pieces(cfg, path), None) is None:
+        if next(read(cfg, path), None) is None:
             raise InputFileError(f"no {what} text found in {path}: it holds no non-blank document")
 
 
@@ -82,6 +84,8 @@ def check_options(cfg: DataConfig, path: Path) -> None:
 
 def pieces(cfg: DataConfig, path: Path, bar: tqdm | None = None) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pairs: each non-blank document of `path` as one or more pieces."""
+    if cfg.format == "chat":  # conversations carry which tokens are trained: prepare.py reads them
+        raise OptionError("format", "chat data is read as conversations (prepare_data), not as text")
     kind = file_kind(path)
     check_options(cfg, path)
     if kind in ("csv", "tsv"):
@@ -290,17 +294,7 @@ def _csv_column(cfg: DataConfig, header: list[str], path: Path) -> int:
 
 def _jsonl_documents(cfg: DataConfig, path: Path, bar: tqdm | None) -> Iterator[str]:
     key = cfg.field
-    for n, line in enumerate(_lines(_chunks(cfg, path, bar)), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"line {n} of {path} is not valid JSON ({e.msg}, column {e.colno}); "
-                                 "each line must hold one JSON object") from None
-        if not isinstance(obj, dict):
-            raise InputFileError(f"line {n} of {path} is {_JSON_TYPES[type(obj)]}, not an object; "
-                                 'each line must hold one object such as {"text": "..."}')
+    for n, obj in _jsonl_objects(cfg, path, bar):
         if key is None and len(obj) == 1:
             key = next(iter(obj))
         if key is None or key not in obj:
@@ -313,3 +307,41 @@ def _jsonl_documents(cfg: DataConfig, path: Path, bar: tqdm | None) -> Iterator[
                                  "not text")
         if value and value.strip():
             yield value.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_objects(cfg: DataConfig, path: Path, bar: tqdm | None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON lines file."""
+    for n, line in enumerate(_lines(_chunks(cfg, path, bar)), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"line {n} of {path} is not valid JSON ({e.msg}, column {e.colno}); "
+                                 "each line must hold one JSON object") from None
+        if not isinstance(obj, dict):
+            raise InputFileError(f"line {n} of {path} is {_JSON_TYPES[type(obj)]}, not an object; "
+                                 'each line must hold one object such as {"text": "..."}')
+        yield n, obj
+
+
+def conversations(cfg: DataConfig, path: Path, bar: tqdm | None = None) -> Iterator[list[Message]]:
+    """The conversations of a chat .jsonl file (--format chat): one {"messages": [{"role",
+    "content"}, ...]} object per line (--field names another key), each checked, errors naming
+    the line."""
+    if file_kind(path) != "jsonl":
+        raise OptionError("format", f"chat reads JSON lines (.jsonl) files; {path} is read as "
+                          f"{_KIND_NAMES[file_kind(path)]}")
+    for option in ("column", "line_by_line"):
+        if getattr(cfg, option):
+            raise OptionError(option, "does not apply with --format chat")
+    key = cfg.field or "messages"
+    for n, obj in _jsonl_objects(cfg, path, bar):
+        if key not in obj:
+            raise InputFileError(f"line {n} of {path} has no field {key!r} (it has {', '.join(obj) or 'none'}); "
+                                 'each line must hold {"messages": [{"role": ..., "content": ...}, ...]}')
+        try:
+            messages = to_messages(obj[key])
+        except OptionError as e:
+            raise InputFileError(f"line {n} of {path}: {e}") from None
+        yield [Message(m.role, m.content.replace("\r\n", "\n").replace("\r", "\n")) for m in messages]

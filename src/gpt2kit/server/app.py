@@ -22,11 +22,11 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ..api import Model
 from ..config import GenerationConfig
 from ..inference.generate import Completion, Event
-from . import completions, errors, tokens
+from . import chat, completions, errors, tokens
 from .completions import Plan
 from .errors import APIError
 from .metrics import CountRequests, Metrics
-from .scheduler import Job, JobFailed, QueueFull, Scheduler
+from .scheduler import Job, JobFailed, Scheduler
 from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
@@ -56,6 +56,7 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     auth = [Depends(bearer_check(settings.api_key))]
     app.include_router(tokens.router(model, settings, served), dependencies=auth)
     app.include_router(metrics.router(), dependencies=auth)
+    app.include_router(chat.router(model, settings, served, scheduler, auth))
 
     page = playground_page()
 
@@ -76,11 +77,11 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
         plan = completions.plan(body, model, settings, served)
         metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
         echoes = await _prompt_logprobs(plan, model)
-        job = _submit(scheduler, plan) if plan.rows else None  # None: only scoring, nothing to generate
+        job = completions.submit(scheduler, plan) if plan.rows else None  # None: only scoring
         if body.stream:
             return StreamingResponse(_stream(plan, job, model, scheduler, echoes),
                                      media_type="text/event-stream")
-        done = await _collect(job, scheduler, request) if job else completions.scored(plan)
+        done = await completions.collect(job, scheduler, request) if job else completions.scored(plan)
         return completions.response(plan, done, model, echoes)
 
     return app
@@ -107,51 +108,12 @@ def bearer_check(api_key: str | None):
     return check
 
 
-def _submit(scheduler: Scheduler, plan: Plan) -> Job:
-    try:
-        return scheduler.submit(plan.rows)
-    except QueueFull as e:
-        raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
-                       headers={"Retry-After": "1"}) from None
-    except JobFailed as e:
-        raise APIError(503, str(e)) from None
-
-
 async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
     """Echo with logprobs also scores the prompts (off the event loop)."""
     if not (plan.request.echo and plan.cfg.logprobs is not None):
         return {}
     return {i: await asyncio.to_thread(completions.prompt_logprobs, model, ids, plan.cfg.logprobs)
             for i, ids in enumerate(plan.prompts)}
-
-
-async def _collect(job: Job, scheduler: Scheduler, request: Request) -> list[Completion]:
-    """Wait for every row of a non-streamed job; cancel it as soon as the client goes away."""
-    done: dict[int, Completion] = {}
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        while True:
-            get = asyncio.ensure_future(job.events.get())
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                get.cancel()
-                raise APIError(499, "the client closed the connection")
-            item = get.result()
-            if item is None:
-                return [done[k] for k in sorted(done)]
-            if isinstance(item, JobFailed):
-                raise APIError(500, str(item))
-            if item.completion is not None:
-                done[item.row - job.first] = item.completion
-    finally:
-        gone.cancel()
-        scheduler.cancel(job)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _events(job: Job | None, plan: Plan) -> AsyncIterator[Event | JobFailed]:

@@ -7,15 +7,19 @@ are checked by GenerationConfig itself, the same check the CLI and Python API us
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+
+from fastapi import Request
 
 from ..api import Model
 from ..config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ..errors import Gpt2kitError
 from ..inference.generate import Completion, Row, TokenLogprob, make_rows, token_logprob
 from .errors import APIError, from_gpt2kit
+from .scheduler import Job, JobFailed, QueueFull, Scheduler
 from .schemas import GENERATION_PARAMS, Choice, CompletionRequest, Logprobs, Usage
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
@@ -54,12 +58,15 @@ def scoring_only(req: CompletionRequest) -> bool:
     return req.echo and req.max_tokens == 0
 
 
-def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: str) -> Plan:
+def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: str,
+         extra_stop: tuple[str, ...] = ()) -> Plan:
+    """`extra_stop`: stop strings added after the request's own were checked against the caps
+    (a chat template's end of turn)."""
     check_model(req.model, served)
     _refuse_unsupported(req)
     prompts = read_prompts(req.prompt, model, settings)
     try:
-        cfg = generation_config(req, prompts, model.config.n_positions, settings)
+        cfg = generation_config(req, prompts, model.config.n_positions, settings, extra_stop)
         rows = [] if scoring_only(req) else make_rows(
             model.tokenizer, [p for p in prompts for _ in range(cfg.n)], cfg, model.config.n_positions,
             model.device, sample_indices=[j for _ in prompts for j in range(cfg.n)],
@@ -103,7 +110,7 @@ def read_prompts(prompt, model: Model, settings: ServerConfig) -> list[list[int]
 
 
 def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: int,
-                      settings: ServerConfig) -> GenerationConfig:
+                      settings: ServerConfig, extra_stop: tuple[str, ...] = ()) -> GenerationConfig:
     longest = max(len(p) for p in prompts)
     # With or without "slide", the prompt must leave room for one token (the window slides over
     # generated text only); a prompt that is only scored may fill the window.
@@ -121,7 +128,7 @@ def generation_config(req: CompletionRequest, prompts: list[list[int]], n_ctx: i
     # logit_bias's null (OpenAI's "none") as no biases.
     options = {name: getattr(req, param) for name, param in GENERATION_PARAMS.items()}
     cfg = GenerationConfig(**{**options, "max_new_tokens": _max_tokens(req, longest, n_ctx, settings),
-                              "stop": tuple(stop), "stop_at_eos": not req.ignore_eos,
+                              "stop": tuple(dict.fromkeys((*stop, *extra_stop))), "stop_at_eos": not req.ignore_eos,
                               "logit_bias": req.logit_bias or {}})
     if cfg.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} on this server, got {cfg.n}", param="n")
@@ -154,6 +161,48 @@ def _max_tokens(req: CompletionRequest, longest: int, n_ctx: int, settings: Serv
                            f"{n_ctx} - {longest}). Ask for fewer, or send \"slide\": true to let the "
                            "window slide over the text.", param="max_tokens", code="context_length_exceeded")
     return req.max_tokens  # GenerationConfig rejects 0 and negative values by name
+
+
+# --- running -------------------------------------------------------------------------------
+
+def submit(scheduler: Scheduler, plan: Plan) -> Job:
+    """Queue a plan's rows; a full queue or a stopped scheduler is a 503 the client may retry."""
+    try:
+        return scheduler.submit(plan.rows)
+    except QueueFull as e:
+        raise APIError(503, f"the server is busy ({e}); retry shortly", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except JobFailed as e:
+        raise APIError(503, str(e)) from None
+
+
+async def collect(job: Job, scheduler: Scheduler, request: Request) -> list[Completion]:
+    """Wait for every row of a non-streamed job; cancel it as soon as the client goes away."""
+    done: dict[int, Completion] = {}
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        while True:
+            get = asyncio.ensure_future(job.events.get())
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise APIError(499, "the client closed the connection")
+            item = get.result()
+            if item is None:
+                return [done[k] for k in sorted(done)]
+            if isinstance(item, JobFailed):
+                raise APIError(500, str(item))
+            if item.completion is not None:
+                done[item.row - job.first] = item.completion
+    finally:
+        gone.cancel()
+        scheduler.cancel(job)
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # --- responses ------------------------------------------------------------------------------

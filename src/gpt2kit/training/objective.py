@@ -5,24 +5,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.blocks import split_ignored
 from ..kernels.fused_loss import HeadCrossEntropy, chunk_rows
 from ..model import GPT
 
 
 class NextTokenLoss(torch.nn.Module):
     """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1], in float32 (as
-    inference/scoring.py). In float32 and under bfloat16 autocast the LM head and the loss run
-    fused (HeadCrossEntropy: the (B, T, V) logits never exist whole); under float16 autocast,
-    plainly (its loss scaling must see the gradients the fused head would make too early)."""
+    inference/scoring.py), over the targets that are trained on (all of them, except in chat
+    data: data/blocks.py marks the others). In float32 and under bfloat16 autocast the LM head and
+    the loss run fused (HeadCrossEntropy: the (B, T, V) logits never exist whole); under float16
+    autocast, plainly (its loss scaling must see the gradients the fused head would make too early)."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        targets, device = x[:, 1:].flatten(), x.device.type
+        ids, trained = split_ignored(x)
+        targets, keep, device = ids[:, 1:].flatten(), trained[:, 1:].flatten(), x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        if chunk_rows(dtype) is None:
-            return F.cross_entropy(self.model(x[:, :-1]).float().flatten(0, 1), targets)
-        h, _ = self.model.hidden(x[:, :-1])  # (B, T-1, C)
-        return HeadCrossEntropy.apply(h.flatten(0, 1), self.model.lm_head.weight, targets, dtype)
+        plain = chunk_rows(dtype) is None
+        # (B*(T-1), V) logits on the plain path, else (B*(T-1), C) hidden states for the fused head
+        rows = (self.model(ids[:, :-1]).float() if plain else self.model.hidden(ids[:, :-1])[0]).flatten(0, 1)
+        if not keep.all():  # the loss is on the trained targets only, their mean
+            if not keep.any():  # a micro-batch of context only: nothing to learn, zero gradients
+                return rows.sum() * 0.0
+            rows, targets = rows[keep], targets[keep]
+        if plain:
+            return F.cross_entropy(rows, targets)
+        return HeadCrossEntropy.apply(rows, self.model.lm_head.weight, targets, dtype)
