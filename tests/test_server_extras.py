@@ -108,6 +108,18 @@ def test_metrics_count_requests_tokens_and_latencies(url):
     assert scrape(url)[("gpt2kit_requests_total", (("route", "other"), ("status", "404")))] >= 1
 
 
+def test_metrics_count_chat_requests_and_their_rendered_prompt(url):
+    messages = [{"role": "user", "content": "Hello there"}]
+    before = scrape(url)
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "seed": 1})
+    assert r.status_code == 200
+    after = scrape(url)
+    key = ("gpt2kit_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[key] - before.get(key, 0) == 1
+    grew = after[("gpt2kit_prompt_tokens_total", ())] - before[("gpt2kit_prompt_tokens_total", ())]
+    assert grew == r.json()["usage"]["prompt_tokens"] > 0
+
+
 def test_metric_gauges_read_the_scheduler_and_apps_do_not_share_a_registry(tiny_model):
     metrics = Metrics(lambda: {"waiting": 3, "running": 2})
     from prometheus_client import generate_latest

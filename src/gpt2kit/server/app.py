@@ -56,7 +56,7 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     auth = [Depends(bearer_check(settings.api_key))]
     app.include_router(tokens.router(model, settings, served), dependencies=auth)
     app.include_router(metrics.router(), dependencies=auth)
-    app.include_router(chat.router(model, settings, served, scheduler, auth))
+    app.include_router(chat.router(model, settings, served, scheduler, metrics, auth))
 
     page = playground_page()
 

@@ -23,6 +23,7 @@ from ..inference.generate import Completion, TokenLogprob
 from . import completions
 from .completions import Plan
 from .errors import APIError, from_gpt2kit
+from .metrics import Metrics
 from .scheduler import Job, JobFailed, Scheduler
 from .schemas import CompletionRequest, ErrorResponse, Usage
 from .settings import ServerConfig
@@ -110,14 +111,17 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def router(model: Model, settings: ServerConfig, served: str, scheduler: Scheduler, dependencies: list) -> APIRouter:
-    """The chat route over `create_app`'s model and scheduler; `dependencies`: its API-key check."""
+def router(model: Model, settings: ServerConfig, served: str, scheduler: Scheduler, metrics: Metrics,
+           dependencies: list) -> APIRouter:
+    """The chat route over `create_app`'s model, scheduler and metrics; `dependencies`: its
+    API-key check."""
     api = APIRouter(dependencies=dependencies)
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
     async def create_chat_completion(body: ChatRequest, request: Request):
         plan = chat_plan(body, model, settings, served)
+        metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
         job = completions.submit(scheduler, plan)
         if body.stream:
             return StreamingResponse(stream(plan, job, model, scheduler), media_type="text/event-stream")
