@@ -105,6 +105,25 @@ def test_the_loss_counts_the_trained_targets_only(tiny_model):
     assert nothing.item() == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_the_validation_loss_counts_the_trained_targets_only(tiny_model):
+    from gpt2kit.inference.scoring import evaluate_blocks
+    from gpt2kit.model import GPT
+    torch.manual_seed(0)
+    model = GPT(tiny_model.config).eval()
+    tokens = torch.randint(0, 1000, (3 * 16,)).numpy().astype("uint16")
+    mask = (torch.rand(3 * 16) < 0.5).numpy().astype("uint8")
+    blocks = TokenBlocks(tokens, 16, mask)
+    ids, trained = blocks.batch_and_mask(range(3))
+    assert torch.equal(blocks.batch(range(3)), ids + IGNORED * ~trained)
+    with torch.no_grad():
+        per_token = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    expected = per_token[trained[:, 1:].flatten()].mean().item()
+    assert evaluate_blocks(model, blocks, batch_size=2)[0] == pytest.approx(expected, rel=1e-5)
+    assert evaluate_blocks(model, TokenBlocks(tokens, 16), batch_size=2)[0] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    nothing = TokenBlocks(tokens, 16, mask * 0)
+    assert evaluate_blocks(model, nothing)[0] != evaluate_blocks(model, nothing)[0]  # NaN: no target
+
+
 @pytest.mark.parametrize("line, words", [
     ("{not json", "line 2 of"),
     ('{"text": "hi"}', "has no field 'messages'"),

@@ -57,12 +57,17 @@ class TokenBlocks:
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
         """A (len(indices), block_size) int64 tensor of the given blocks; with a mask, IGNORED is
         added to the tokens that are not trained on."""
+        x, trained = self.batch_and_mask(indices)
+        return x if trained is None else x + IGNORED * ~trained
+
+    def batch_and_mask(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The given blocks' token ids (len(indices), block_size) int64 and, with a mask, where
+        they are trained on (bool, same shape); without one, None."""
         x = torch.from_numpy(np.stack([self.block(int(i)).astype(np.int64) for i in indices]))
         if self.mask is None:
-            return x
+            return x, None
         size = self.block_size
-        mask = np.stack([self.mask[int(i) * size:(int(i) + 1) * size] for i in indices])
-        return x + IGNORED * torch.from_numpy(mask == 0)
+        return x, torch.from_numpy(np.stack([self.mask[int(i) * size:(int(i) + 1) * size] for i in indices]) != 0)
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
         """The shuffled block order of `epoch`: a pure function of (seed, epoch), so a resumed run

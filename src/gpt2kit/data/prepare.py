@@ -312,10 +312,10 @@ def _assemble(folder: Path, m: dict, block_size: int, fingerprint: str, cached: 
     train = TokenBlocks.from_file(folder / "train.bin", block, m["dtype"], masked)
     if masked:
         notes.append(f"chat: the loss is on {m['train_trained']:,} of the {n:,} training tokens (the assistant's "
-                     "turns); the validation loss counts every token")
+                     "turns), and so is the validation loss")
     val = None
     if m["val_tokens"] >= block:
-        val = TokenBlocks.from_file(folder / "val.bin", block, m["dtype"])
+        val = TokenBlocks.from_file(folder / "val.bin", block, m["dtype"], masked)
     elif m["val_documents"]:
         notes.append(f"the validation split has {m['val_tokens']} tokens, less than one {block}-token block: "
                      "no validation")

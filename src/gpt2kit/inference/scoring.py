@@ -155,7 +155,8 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = SCORE_BAT
                     max_batches: int | None = None) -> tuple[float, float]:
     """(mean loss, perplexity) over the first `max_batches` batches of `blocks` (all by default),
     exactly as training computes its loss: cross-entropy of logits[:, :-1] against tokens[:, 1:],
-    averaged over every predicted token. Runs in eval mode (no dropout), then restores the mode."""
+    averaged over every predicted token the blocks' mask trains on (all without a mask; NaN if
+    none is). Runs in eval mode (no dropout), then restores the mode."""
     if check_integer("batch_size", batch_size) < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
     if max_batches is not None and check_integer("max_batches", max_batches) < 1:
@@ -169,13 +170,15 @@ def evaluate_blocks(model: GPT, blocks: TokenBlocks, batch_size: int = SCORE_BAT
     total, count = 0.0, 0
     with torch.inference_mode(), eval_mode(model):
         for i in range(n_batches):
-            x = blocks.batch(range(i * batch_size, min((i + 1) * batch_size, len(blocks)))).to(device)
+            x, trained = blocks.batch_and_mask(range(i * batch_size, min((i + 1) * batch_size, len(blocks))))
+            x = x.to(device)
             h, _ = model.hidden(x)  # (B, T, C); the head runs per row, for memory as in _score_windows
             for row in range(x.shape[0]):
-                logits = model.lm_head(h[row, :-1]).float()  # (T - 1, V)
-                total += F.cross_entropy(logits, x[row, 1:], reduction="sum").item()
-                count += x.shape[1] - 1
-    loss = total / count
+                keep = slice(None) if trained is None else trained[row, 1:].to(device)
+                logits = model.lm_head(h[row, :-1][keep]).float()  # (targets, V)
+                total += F.cross_entropy(logits, x[row, 1:][keep], reduction="sum").item()
+                count += logits.shape[0]
+    loss = total / count if count else math.nan
     return loss, perplexity(loss)
 
 
