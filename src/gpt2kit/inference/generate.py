@@ -156,7 +156,8 @@ def feed_tokens(batch: RunningBatch[Row]) -> None:
         batch.decode([row.tokens[-1] for row in batch.rows])
     if slide:
         keep = max(1, int(batch.model.config.n_positions * SLIDE_KEEP))
-        batch.join(slide, [row.context(keep) for row in slide])
+        # a slid context starts mid-text: no later prompt starts with it, so it is not cached
+        batch.join(slide, [row.context(keep) for row in slide], reuse=False)
 
 
 def _new_logprobs(row: Row) -> list[TokenLogprob] | None:

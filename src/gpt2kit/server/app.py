@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ..api import Model
 from ..config import GenerationConfig
 from ..inference.generate import Completion
+from ..inference.prefix_cache import PrefixCache
 from . import completions, errors
 from .completions import Plan
 from .errors import APIError
@@ -34,7 +35,9 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 
 def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
     served = settings.served_model_name or served or model.source
-    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder)
+    prefix_cache = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
+    scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder,
+                          prefix_cache)
     created = int(time.time())
 
     @asynccontextmanager

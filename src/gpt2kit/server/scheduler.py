@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inference.generate import Event, Row, feed_tokens, take_tokens
+from ..inference.prefix_cache import PrefixCache
 from ..inference.running_batch import Decoder, RunningBatch
 from ..tokenizer import Tokenizer
 
@@ -56,9 +57,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int,
-                 decoder: Decoder | None = None):
+                 decoder: Decoder | None = None, prefix_cache: PrefixCache | None = None):
         self.model = model
         self.decoder = decoder  # each decode step's (None: the model's forward, eagerly)
+        self.prefix_cache = prefix_cache  # outlives batches: kept blocks depend on tokens only
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -110,7 +112,7 @@ class Scheduler:
     # --- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: RunningBatch[Row] = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
+        batch = self._new_batch()
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -129,8 +131,11 @@ class Scheduler:
                 except Exception as e:  # never let one bad step end the server
                     log.exception("decoding step failed")
                     self._fail_all(f"generation failed ({type(e).__name__}: {e})")
-                    batch = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
+                    batch = self._new_batch()
         self._fail_all("the server is shutting down")
+
+    def _new_batch(self) -> RunningBatch[Row]:
+        return RunningBatch(self.model, self.max_batch, decoder=self.decoder, prefix_cache=self.prefix_cache)
 
     def _admit(self, batch: RunningBatch[Row]) -> list[Row]:
         """Rows of waiting jobs that fit in the free slots, oldest first (a job may start partly)."""
