@@ -152,3 +152,15 @@ def test_server_answers_the_same_with_the_cache_on_or_off(tiny_model):
         assert (cache is None) == (mb == 0)
     assert answers[0] == answers[1]
     assert cache.stats.reused > 0
+
+
+def test_blocks_are_kept_apart_by_adapter(tiny_model):
+    """Keys and values depend on the weights: blocks one adapter computed never serve another."""
+    tokens = prompts_sharing_prefixes(tiny_model.tokenizer)[0]
+    cache = PrefixCache(budget=10 << 20, block=BLOCK)
+    with torch.inference_mode():
+        batch = RunningBatch(tiny_model.module, 1, prefix_cache=cache)
+        batch.join([0], [tokens])
+    stored = len(cache)
+    assert stored == (len(tokens) - 1) // BLOCK and len(cache.match(tokens, space=-1)) == stored
+    assert cache.match(tokens, space=0) == [] and cache.shares_new_block([tokens, tokens], [-1, 0]) == [False, False]

@@ -12,6 +12,9 @@ Positions: a block's keys and values were computed at positions j*block..(j+1)*b
 stay right wherever the running batch puts them, since a row's positions count from 0 after its
 padding (running_batch.py) whatever slot it starts at.
 
+Keys and values also depend on the weights: with several LoRA adapters served (adapters.py),
+each adapter's blocks live in a trie of their own (`space`: the adapter's index, -1 the base).
+
 Memory is bounded by `budget` bytes; past it, the least recently used block that no other block
 extends is evicted (a node is always touched after its children, so the oldest is such a leaf).
 """
@@ -24,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from .adapters import BASE
 from .kv_cache import KVCache
 
 BLOCK = 16  # tokens per block: vLLM's default; smaller blocks match more, copy in more pieces
@@ -37,6 +41,7 @@ class Block:
     k: torch.Tensor
     v: torch.Tensor
     parent: "Block | None"
+    space: int  # the adapter whose weights computed it (-1: the base model)
     children: dict[tuple[int, ...], "Block"] = field(default_factory=dict)
 
     @property
@@ -59,7 +64,7 @@ class PrefixCache:
 
     def __init__(self, budget: int, block: int = BLOCK):
         self.budget, self.block = budget, block
-        self.roots: dict[tuple[int, ...], Block] = {}
+        self.roots: dict[int, dict[tuple[int, ...], Block]] = {}  # by space, then first block's tokens
         self.lru: OrderedDict[int, Block] = OrderedDict()  # id(block) -> block, oldest first
         self.nbytes = 0
         self.stats = PrefixStats()
@@ -67,10 +72,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.lru)
 
-    def match(self, tokens: Sequence[int]) -> list[Block]:
+    def match(self, tokens: Sequence[int], space: int = BASE) -> list[Block]:
         """The cached blocks `tokens` starts with (never its last token), outermost first."""
         path: list[Block] = []
-        children = self.roots
+        children = self.roots.get(space, {})
         for j in range((len(tokens) - 1) // self.block):
             node = children.get(self._piece(tokens, j))
             if node is None:
@@ -79,10 +84,10 @@ class PrefixCache:
             children = node.children
         return path
 
-    def load(self, tokens: Sequence[int], cache: KVCache, row: int, slot: int) -> int:
+    def load(self, tokens: Sequence[int], cache: KVCache, row: int, slot: int, space: int = BASE) -> int:
         """Copy the cached blocks `tokens` starts with into batch row `row` of `cache` from `slot`
         on; return how many tokens were copied (their prefill can be skipped)."""
-        path = self.match(tokens)
+        path = self.match(tokens, space)
         for j, node in enumerate(path):
             cache.write_slots(row, slot + j * self.block, node.k, node.v)
         self._touch(path)
@@ -90,16 +95,16 @@ class PrefixCache:
         self.stats.reused += len(path) * self.block
         return len(path) * self.block
 
-    def store(self, tokens: Sequence[int], cache: KVCache, row: int, slot: int) -> None:
+    def store(self, tokens: Sequence[int], cache: KVCache, row: int, slot: int, space: int = BASE) -> None:
         """Keep the whole blocks of `tokens` (written to row `row` of `cache` from `slot` on) that
         are not cached yet, evicting the least recently used blocks to stay within the budget."""
-        path = self.match(tokens)
-        children = path[-1].children if path else self.roots
+        path = self.match(tokens, space)
+        children = path[-1].children if path else self.roots.setdefault(space, {})
         for j in range(len(path), (len(tokens) - 1) // self.block):
             k, v = cache.read_slots(row, slot + j * self.block, self.block)
             if not self._make_room(k.nbytes + v.nbytes, path):
                 break
-            node = Block(self._piece(tokens, j), k, v, path[-1] if path else None)
+            node = Block(self._piece(tokens, j), k, v, path[-1] if path else None, space)
             children[node.tokens] = node
             self.lru[id(node)] = node
             self.nbytes += node.nbytes
@@ -108,13 +113,13 @@ class PrefixCache:
             children = node.children
         self._touch(path)
 
-    def shares_new_block(self, contexts: Sequence[Sequence[int]]) -> list[bool]:
+    def shares_new_block(self, contexts: Sequence[Sequence[int]], spaces: Sequence[int]) -> list[bool]:
         """For each context, whether an earlier one will store the block it would look up next:
         joining it after that one lets it reuse the block instead of computing it too."""
         seen, later = set(), []
-        for tokens in contexts:
-            n = len(self.match(tokens))
-            key = tuple(tokens[:(n + 1) * self.block]) if (len(tokens) - 1) // self.block > n else None
+        for tokens, space in zip(contexts, spaces):
+            n = len(self.match(tokens, space))
+            key = (space, *tokens[:(n + 1) * self.block]) if (len(tokens) - 1) // self.block > n else None
             later.append(key is not None and key in seen)
             seen.add(key)
         return later
@@ -139,7 +144,7 @@ class PrefixCache:
         return True
 
     def _evict(self, node: Block) -> None:
-        siblings = node.parent.children if node.parent is not None else self.roots
+        siblings = node.parent.children if node.parent is not None else self.roots[node.space]
         del siblings[node.tokens]
         del self.lru[id(node)]
         self.nbytes -= node.nbytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import fields
 from importlib import resources
 from typing import AsyncIterator
@@ -20,13 +20,16 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..api import Model
 from ..config import GenerationConfig
+from ..errors import OptionError
+from ..inference.adapters import AdapterRows
 from ..inference.generate import Completion
 from ..inference.prefix_cache import PrefixCache
-from . import completions, errors
+from . import adapters, completions, errors
+from .adapters import ServedModels
 from .completions import Plan
 from .errors import APIError
 from .scheduler import Job, JobFailed, QueueFull, Scheduler
-from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import Choice, CompletionRequest, ErrorResponse
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
 
@@ -36,8 +39,12 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
     served = settings.served_model_name or served or model.source
     prefix_cache = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
+    folders = settings.adapters()
+    if served in folders:
+        raise OptionError("lora", f"names an adapter {served!r}, the base model's own name; rename it")
+    lora = model.add_adapters(folders) if folders else None
     scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder,
-                          prefix_cache)
+                          prefix_cache, lora)
     created = int(time.time())
 
     @asynccontextmanager
@@ -63,14 +70,18 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     async def health() -> dict:
         return {"status": "ok", "model": served, **scheduler.load}
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=ERRORS)
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served, created=created, max_model_len=model.config.n_positions)])
+    @app.get("/v1/models", response_model=ServedModels, dependencies=auth, responses=ERRORS)
+    async def models() -> ServedModels:
+        root = str(model.loaded.folder or served)
+        return adapters.model_list(served, root, folders, created, model.config.n_positions)
 
     @app.post("/v1/completions", response_model=CompletionBody, dependencies=auth, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):
-        plan = completions.plan(body, model, settings, served)
-        echoes = await _prompt_logprobs(plan, model)
+        name, adapter = adapters.pick(body.model, served, list(folders))
+        plan = completions.plan(body, model, settings, name)
+        for row in plan.rows:
+            row.adapter = adapter
+        echoes = await _prompt_logprobs(plan, model, lora, adapter)
         try:
             job = scheduler.submit(plan.rows)
         except QueueFull as e:
@@ -108,12 +119,15 @@ def bearer_check(api_key: str | None):
     return check
 
 
-async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
-    """Echo with logprobs also scores the prompts (off the event loop)."""
+async def _prompt_logprobs(plan: Plan, model: Model, lora: AdapterRows | None, adapter: int) -> dict[int, list]:
+    """Echo with logprobs also scores the prompts (off the event loop, with the request's adapter)."""
     if not (plan.request.echo and plan.cfg.logprobs is not None):
         return {}
-    return {i: await asyncio.to_thread(completions.prompt_logprobs, model, ids, plan.cfg.logprobs)
-            for i, ids in enumerate(plan.prompts)}
+
+    def score(ids: list[int]) -> list:
+        with lora.use([adapter], model.device) if lora is not None else nullcontext():
+            return completions.prompt_logprobs(model, ids, plan.cfg.logprobs)
+    return {i: await asyncio.to_thread(score, ids) for i, ids in enumerate(plan.prompts)}
 
 
 async def _collect(job: Job, scheduler: Scheduler, request: Request) -> list[Completion]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..inference.adapters import AdapterRows
 from ..inference.generate import Event, Row, feed_tokens, take_tokens
 from ..inference.prefix_cache import PrefixCache
 from ..inference.running_batch import Decoder, RunningBatch
@@ -57,10 +58,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int,
-                 decoder: Decoder | None = None, prefix_cache: PrefixCache | None = None):
+                 decoder: Decoder | None = None, prefix_cache: PrefixCache | None = None,
+                 adapters: AdapterRows | None = None):
         self.model = model
         self.decoder = decoder  # each decode step's (None: the model's forward, eagerly)
         self.prefix_cache = prefix_cache  # outlives batches: kept blocks depend on tokens only
+        self.adapters = adapters  # LoRA adapters served beside the base (row.adapter picks one)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -125,7 +128,8 @@ class Scheduler:
                         continue
                 try:
                     if joining:
-                        batch.join(joining, [row.prompt for row in joining])
+                        batch.join(joining, [row.prompt for row in joining],
+                                   adapters=[row.adapter for row in joining])
                     self._dispatch(take_tokens(batch, self.tokenizer))
                     feed_tokens(batch)
                 except Exception as e:  # never let one bad step end the server
@@ -135,7 +139,8 @@ class Scheduler:
         self._fail_all("the server is shutting down")
 
     def _new_batch(self) -> RunningBatch[Row]:
-        return RunningBatch(self.model, self.max_batch, decoder=self.decoder, prefix_cache=self.prefix_cache)
+        return RunningBatch(self.model, self.max_batch, decoder=self.decoder, prefix_cache=self.prefix_cache,
+                            adapters=self.adapters)
 
     def _admit(self, batch: RunningBatch[Row]) -> list[Row]:
         """Rows of waiting jobs that fit in the free slots, oldest first (a job may start partly)."""
