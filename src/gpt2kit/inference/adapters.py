@@ -72,9 +72,10 @@ class MultiLoraLinear(nn.Module):
             if k not in self.scaling:  # this adapter leaves this layer as it is
                 continue
             a, b = getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}")
+            every = len(rows) == len(x)  # one adapter for the whole batch: no gather, no scatter
             # as lora.LoraLinear computes it (the adapter in its own dtype, float32 over bfloat16)
-            update = F.linear(F.linear(x[rows].to(a.dtype), a), b) * self.scaling[k]
-            y = y.index_add(0, rows, update.to(y.dtype))
+            update = F.linear(F.linear((x if every else x[rows]).to(a.dtype), a), b) * self.scaling[k]
+            y = y + update.to(y.dtype) if every else y.index_add(0, rows, update.to(y.dtype))
         return y
 
     def extra_repr(self) -> str:
