@@ -131,7 +131,7 @@ class RunningBatch(Generic[R]):
         """Forwards inside run batch row r on adapter adapters[r]."""
         if self.adapters is None:
             return nullcontext()
-        return self.adapters.use(adapters, self.cache.k.device)
+        return self.adapters.use(adapters, self.cache.device)
 
     def _end_at(self, longest: int) -> None:
         """Make `start` at least `longest`, moving the running rows right if they end earlier."""
