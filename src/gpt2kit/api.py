@@ -13,14 +13,15 @@ import torch
 from .chat import ChatTemplate, Message, choose_template, prompt_ids, template_file
 from .checkpoints import LoadedModel, load_model
 from .config import EMBED_BATCH_SIZE, POOLS, SCORE_BATCH_SIZE, DataConfig, GenerationConfig, ModelConfig
-from .errors import OptionError, TokenizerError
+from .errors import CheckpointError, OptionError, TokenizerError
 from .inference import features
+from .inference.adapters import AdapterRows, MultiLoraLinear
 from .inference.generate import Completion, generate_events
 from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.compiled_decode import CompiledDecoder
-from .kernels.packed_linear import prepare_for_inference
-from .lora import count_parameters
+from .kernels.packed_linear import PackedLinear, prepare_for_inference
+from .lora import count_parameters, read_adapter
 from .quantize import check_quantize, quantize_int8
 from .runtime import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
@@ -53,6 +54,16 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     model = Model(loaded, tokenizer, n_params, quantize, decoder)
     model.chat_template = template
     return model
+
+
+def keep_gelu_apart(model: torch.nn.Module) -> None:
+    """Take the MLP's GELU back out of c_fc's packed kernel (prepare_for_inference fuses it), so
+    that a LoRA adapter of c_fc adds its update to the product before the GELU, not after."""
+    for block in model.transformer.h:
+        fc = block.mlp.c_fc
+        if isinstance(fc, PackedLinear) and fc.gelu:
+            fc.gelu, fc.post_op = False, ("none", [], "")
+            block.mlp.act = torch.nn.GELU(approximate="tanh")
 
 
 def release_free_heap() -> None:
@@ -228,6 +239,37 @@ class Model:
         cfg = data if isinstance(data, DataConfig) else DataConfig(path=str(data), **data_options)
         docs = (self.tokenizer.encode(text) for text in read_documents(cfg))
         return evaluate_documents(self.module, docs, self.tokenizer.eos_id, stride=stride)
+
+    def add_adapters(self, folders: dict[str, str | Path]) -> AdapterRows:
+        """Serve LoRA adapters (LoRA run or PEFT adapter folders, by name) beside the base weights:
+        each layer an adapter targets is wrapped in a MultiLoraLinear (inference/adapters.py), and
+        forwards run inside the returned `AdapterRows.use([k, ...])` put batch row r on adapter k
+        (the k-th name; -1 the base). Elsewhere the model computes what it did before. Every
+        adapter is read and checked against this model before the model is changed."""
+        if isinstance(self.decoder, CompiledDecoder):  # its step is traced without per-row adapters
+            raise OptionError("lora", "cannot be combined with --compile (compiled decoding); drop one")
+        if any(isinstance(m, MultiLoraLinear) for m in self.module.modules()):
+            raise OptionError("lora", "adapters were already added to this model; load it again to serve others")
+        read = {name: self._read_adapter(name, folder) for name, folder in folders.items()}
+        rows = AdapterRows(list(read))
+        if any(name.endswith(".c_fc") for _, layers in read.values() for name in layers):
+            keep_gelu_apart(self.module)
+        for k, (cfg, layers) in enumerate(read.values()):
+            for name, (a, b) in layers.items():
+                layer = self.module.get_submodule(name)
+                if not isinstance(layer, MultiLoraLinear):
+                    parent, _, child = name.rpartition(".")
+                    layer = MultiLoraLinear(layer, rows)
+                    setattr(self.module.get_submodule(parent), child, layer)
+                dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype  # as LoraLinear
+                layer.add(k, a.to(self.device, dtype), b.to(self.device, dtype), cfg.alpha / cfg.rank)
+        return rows
+
+    def _read_adapter(self, name: str, folder: str | Path):
+        try:
+            return read_adapter(folder, self.config)
+        except CheckpointError as e:
+            raise CheckpointError(f"adapter {name!r}: {e}") from None
 
     def info(self) -> dict:
         """What this model is: shape, size, dtype, device, tokenizer and where it came from."""

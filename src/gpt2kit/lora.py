@@ -29,7 +29,7 @@ import torch.nn as nn
 from .atomic import write_atomically
 from .checkpoints.hf import key_listing
 from .checkpoints.weights import iter_tensors, read_json, save_safetensors
-from .config import TARGETS, LoraConfig
+from .config import TARGETS, LoraConfig, ModelConfig
 from .errors import CheckpointError, OptionError
 from .model import GPT
 
@@ -214,6 +214,19 @@ def load_adapter(model: GPT, folder: str | Path) -> GPT:
         for key, tensor in state.items():
             params[key].copy_(tensor)
     return model
+
+
+def read_adapter(folder: str | Path, config: ModelConfig) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """An adapter's config and, by module name (`transformer.h.0.attn.c_attn`), its A (r, in) and
+    B (out, r), every name and shape checked against a model of `config`: for serving several
+    adapters over one base (inference/adapters.py), whose linears may already be packed."""
+    folder = Path(folder).expanduser()
+    cfg = read_adapter_config(folder / CONFIG_FILE)
+    with torch.device("meta"):  # the model's linears' shapes, without weights
+        skeleton = GPT(config)
+    state = _read_adapter_weights(folder, _targeted(skeleton, cfg.targets), cfg.rank)
+    names = {key.rsplit(".", 2)[0] for key in state}
+    return cfg, {name: (state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]) for name in sorted(names)}
 
 
 def read_adapter_config(path: Path) -> LoraConfig:

@@ -24,6 +24,7 @@ from ..model import GPT
 from ..runtime import make_generator
 from ..tokenizer import StreamDecoder, Tokenizer
 from . import sampling
+from .adapters import BASE
 from .running_batch import Decoder, RunningBatch
 
 # When generation runs past the context window, keep this fraction of it and re-prefill.
@@ -83,6 +84,7 @@ class Row:
     logprobs: list[TokenLogprob] | None = None
     reported: int = 0  # logprobs already handed out with events
     banned: tuple[tuple[int, ...], ...] = ()  # token sequences of cfg.bad_words (banned_sequences)
+    adapter: int = BASE  # the served LoRA adapter it runs on (inference/adapters.py); BASE: none
 
     def context(self, keep: int) -> list[int]:
         return (self.prompt + self.tokens)[-keep:]
@@ -175,7 +177,8 @@ def feed_tokens(batch: RunningBatch[Row]) -> None:
         batch.decode([row.tokens[-1] for row in batch.rows])
     if slide:
         keep = max(1, int(batch.model.config.n_positions * SLIDE_KEEP))
-        batch.join(slide, [row.context(keep) for row in slide])
+        # a slid context starts mid-text: no later prompt starts with it, so it is not cached
+        batch.join(slide, [row.context(keep) for row in slide], reuse=False, adapters=[row.adapter for row in slide])
 
 
 def _new_logprobs(row: Row) -> list[TokenLogprob] | None:

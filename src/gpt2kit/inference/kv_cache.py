@@ -81,3 +81,15 @@ class KVCache:
         """Copy batch row `src` over row `dst` (its first `length` slots)."""
         for t in self.tensors():
             t[dst, :, :length] = t[src, :, :length]
+
+    def read_slots(self, row: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of batch row `row`'s keys and values in slots start..start+length-1, each
+        (n_layer, nh, length, hs): kept apart from the cache (inference/prefix_cache.py)."""
+        return tuple(torch.stack([t[row, :, start:start + length] for t in layers]) for layers in (self.k, self.v))
+
+    def write_slots(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write `k`, `v` (n_layer, nh, length, hs) to batch row `row`'s slots from `start` on."""
+        length = k.shape[2]
+        for layers, new in ((self.k, k), (self.v, v)):
+            for t, block in zip(layers, new):
+                t[row, :, start:start + length] = block

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import fields
 from importlib import resources
 from typing import AsyncIterator
@@ -21,13 +21,17 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from ..api import Model
 from ..config import GenerationConfig
+from ..errors import OptionError
+from ..inference.adapters import AdapterRows
 from ..inference.generate import Completion, Event
-from . import chat, completions, errors, tokens
+from ..inference.prefix_cache import PrefixCache
+from . import adapters, chat, completions, errors, tokens
+from .adapters import ServedModels
 from .completions import Plan
 from .errors import APIError
 from .metrics import CountRequests, Metrics
 from .scheduler import Job, JobFailed, Scheduler
-from .schemas import Choice, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import Choice, CompletionRequest, ErrorResponse
 from .schemas import Completion as CompletionBody
 from .settings import ServerConfig
 
@@ -36,9 +40,14 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 
 def create_app(model: Model, settings: ServerConfig, served: str | None = None) -> FastAPI:
     served = settings.served_model_name or served or model.source
+    prefix_cache = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
+    folders = settings.adapters()
+    if served in folders:
+        raise OptionError("lora", f"names an adapter {served!r}, the base model's own name; rename it")
+    lora = model.add_adapters(folders) if folders else None
     metrics = Metrics(lambda: scheduler.load)
     scheduler = Scheduler(model.module, model.tokenizer, settings.max_batch, settings.max_queue, model.decoder,
-                          on_step=metrics.step)
+                          prefix_cache, lora, on_step=metrics.step)
     created = int(time.time())
 
     @asynccontextmanager
@@ -68,15 +77,16 @@ def create_app(model: Model, settings: ServerConfig, served: str | None = None) 
     async def health() -> dict:
         return {"status": "ok", "model": served, **scheduler.load}
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=ERRORS)
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served, created=created, max_model_len=model.config.n_positions)])
+    @app.get("/v1/models", response_model=ServedModels, dependencies=auth, responses=ERRORS)
+    async def models() -> ServedModels:
+        root = str(model.loaded.folder or served)
+        return adapters.model_list(served, root, folders, created, model.config.n_positions)
 
     @app.post("/v1/completions", response_model=CompletionBody, dependencies=auth, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):
         plan = completions.plan(body, model, settings, served)
         metrics.prompt_tokens.inc(sum(map(len, plan.prompts)))
-        echoes = await _prompt_logprobs(plan, model)
+        echoes = await _prompt_logprobs(plan, model, lora)
         job = completions.submit(scheduler, plan) if plan.rows else None  # None: only scoring
         if body.stream:
             return StreamingResponse(_stream(plan, job, model, scheduler, echoes),
@@ -108,12 +118,15 @@ def bearer_check(api_key: str | None):
     return check
 
 
-async def _prompt_logprobs(plan: Plan, model: Model) -> dict[int, list]:
-    """Echo with logprobs also scores the prompts (off the event loop)."""
+async def _prompt_logprobs(plan: Plan, model: Model, lora: AdapterRows | None) -> dict[int, list]:
+    """Echo with logprobs also scores the prompts (off the event loop, with the request's adapter)."""
     if not (plan.request.echo and plan.cfg.logprobs is not None):
         return {}
-    return {i: await asyncio.to_thread(completions.prompt_logprobs, model, ids, plan.cfg.logprobs)
-            for i, ids in enumerate(plan.prompts)}
+
+    def score(ids: list[int]) -> list:
+        with lora.use([plan.adapter], model.device) if lora is not None else nullcontext():
+            return completions.prompt_logprobs(model, ids, plan.cfg.logprobs)
+    return {i: await asyncio.to_thread(score, ids) for i, ids in enumerate(plan.prompts)}
 
 
 async def _events(job: Job | None, plan: Plan) -> AsyncIterator[Event | JobFailed]:

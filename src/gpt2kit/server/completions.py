@@ -17,7 +17,9 @@ from fastapi import Request
 from ..api import Model
 from ..config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ..errors import Gpt2kitError
+from ..inference.adapters import BASE
 from ..inference.generate import Completion, Row, TokenLogprob, make_rows, token_logprob
+from . import adapters
 from .errors import APIError, from_gpt2kit
 from .scheduler import Job, JobFailed, QueueFull, Scheduler
 from .schemas import GENERATION_PARAMS, Choice, CompletionRequest, Logprobs, Usage
@@ -36,6 +38,7 @@ class Plan:
     model_name: str
     id: str
     created: int
+    adapter: int = BASE  # the served LoRA adapter the request picked (server/adapters.py)
 
     def choice_prompt(self, choice: int) -> list[int]:
         return self.prompts[choice // self.cfg.n]
@@ -45,11 +48,10 @@ class Plan:
         return len(self.prompts) * self.cfg.n
 
 
-def check_model(requested: str | None, served: str) -> None:
-    """A request names the served model, or no model."""
-    if requested is not None and requested != served:
-        raise APIError(404, f"the model {requested!r} does not exist; this server serves {served!r}",
-                       param="model", code="model_not_found")
+def check_model(requested: str | None, served: str, settings: ServerConfig) -> tuple[str, int]:
+    """A request names the served model, one of its `--lora` adapters, or no model: (the name to
+    answer with, the adapter's index or BASE); another name is a 404."""
+    return adapters.pick(requested, served, list(settings.adapters()))
 
 
 def scoring_only(req: CompletionRequest) -> bool:
@@ -62,7 +64,7 @@ def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: s
          extra_stop: tuple[str, ...] = ()) -> Plan:
     """`extra_stop`: stop strings added after the request's own were checked against the caps
     (a chat template's end of turn)."""
-    check_model(req.model, served)
+    name, adapter = check_model(req.model, served, settings)
     _refuse_unsupported(req)
     prompts = read_prompts(req.prompt, model, settings)
     try:
@@ -73,7 +75,9 @@ def plan(req: CompletionRequest, model: Model, settings: ServerConfig, served: s
             prompt_indices=[i for i in range(len(prompts)) for _ in range(cfg.n)])
     except Gpt2kitError as e:
         raise from_gpt2kit(e) from None
-    return Plan(req, cfg, prompts, rows, served, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
+    for row in rows:
+        row.adapter = adapter
+    return Plan(req, cfg, prompts, rows, name, f"cmpl-{uuid.uuid4().hex}", int(time.time()), adapter)
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:

@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
+from ..inference.adapters import AdapterRows
 from ..inference.generate import Event, Row, feed_tokens, take_tokens
+from ..inference.prefix_cache import PrefixCache
 from ..inference.running_batch import Decoder, RunningBatch
 from ..tokenizer import Tokenizer
 
@@ -59,11 +61,14 @@ class Job:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_batch: int, max_queue: int,
-                 decoder: Decoder | None = None,
+                 decoder: Decoder | None = None, prefix_cache: PrefixCache | None = None,
+                 adapters: AdapterRows | None = None,
                  on_step: Callable[[list[Row], list[float]], None] | None = None):
         self.model = model
         self.on_step = on_step  # told after each step: the rows that got a token, their jobs' queue times
         self.decoder = decoder  # each decode step's (None: the model's forward, eagerly)
+        self.prefix_cache = prefix_cache  # outlives batches: kept blocks depend on tokens only
+        self.adapters = adapters  # LoRA adapters served beside the base (row.adapter picks one)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -115,7 +120,7 @@ class Scheduler:
     # --- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: RunningBatch[Row] = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
+        batch = self._new_batch()
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -128,7 +133,8 @@ class Scheduler:
                         continue
                 try:
                     if joining:
-                        batch.join(joining, [row.prompt for row in joining])
+                        batch.join(joining, [row.prompt for row in joining],
+                                   adapters=[row.adapter for row in joining])
                     rows = list(batch.rows)
                     events = take_tokens(batch, self.tokenizer)
                     if self.on_step is not None:
@@ -138,8 +144,12 @@ class Scheduler:
                 except Exception as e:  # never let one bad step end the server
                     log.exception("decoding step failed")
                     self._fail_all(f"generation failed ({type(e).__name__}: {e})")
-                    batch = RunningBatch(self.model, self.max_batch, decoder=self.decoder)
+                    batch = self._new_batch()
         self._fail_all("the server is shutting down")
+
+    def _new_batch(self) -> RunningBatch[Row]:
+        return RunningBatch(self.model, self.max_batch, decoder=self.decoder, prefix_cache=self.prefix_cache,
+                            adapters=self.adapters)
 
     def _admit(self, batch: RunningBatch[Row]) -> list[Row]:
         """Rows of waiting jobs that fit in the free slots, oldest first (a job may start partly)."""

@@ -39,6 +39,14 @@ class ServerConfig:
     max_stop: int = field(default=4, metadata={"help": "most stop strings per request (default 4)"})
     max_stop_chars: int = field(default=256, metadata={
         "help": "longest stop string in characters (default 256)"})
+    prefix_cache_mb: int = field(default=128, metadata={
+        "help": "memory for the keys and values of prompt starts, reused by later requests that "
+        "start with the same tokens (a system text, few-shot examples); least recently used "
+        "first out; 0 turns it off (default 128)"})
+    lora: tuple[str, ...] = field(default=(), metadata={
+        "help": "NAME=PATH: also serve the LoRA adapter in PATH (a LoRA run or PEFT adapter folder "
+        "trained on this model) as model NAME; repeat for several; requests for different ones "
+        "share the batch"})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds in-flight requests get to finish after SIGTERM before they are "
         "cancelled (default 30)"})
@@ -50,7 +58,22 @@ class ServerConfig:
                      "max_prompt_chars", "max_stop", "max_stop_chars"):
             if check_integer(name, getattr(self, name)) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        if check_integer("prefix_cache_mb", self.prefix_cache_mb) < 0:
+            raise OptionError("prefix_cache_mb", f"must be at least 0 (0: off), got {self.prefix_cache_mb}")
         if not self.shutdown_timeout >= 0:
             raise OptionError("shutdown_timeout", f"must be at least 0, got {self.shutdown_timeout}")
+        self.adapters()  # each --lora is NAME=PATH, names unique
         if self.api_key is not None and not self.api_key:
             raise OptionError("api_key", "must not be empty")
+
+    def adapters(self) -> dict[str, str]:
+        """--lora's NAME=PATH entries as {name: path}, in order."""
+        found: dict[str, str] = {}
+        for entry in self.lora:
+            name, eq, path = entry.partition("=")
+            if not (eq and name.strip() and path.strip()):
+                raise OptionError("lora", f"takes NAME=PATH (a name for the adapter, then its folder), got {entry!r}")
+            if name.strip() in found:
+                raise OptionError("lora", f"names {name.strip()!r} twice; give each adapter its own name")
+            found[name.strip()] = path.strip()
+        return found

@@ -49,13 +49,13 @@ def router(model: Model, settings: ServerConfig, served: str) -> APIRouter:
 
     @routes.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        check_model(body.model, served)
+        check_model(body.model, served, settings)
         [ids] = read_prompts(body.prompt, model, settings)
         return TokenizeResponse(count=len(ids), max_model_len=model.config.n_positions, tokens=ids)
 
     @routes.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        check_model(body.model, served)
+        check_model(body.model, served, settings)
         try:
             return DetokenizeResponse(prompt=model.tokenizer.decode(body.tokens))
         except TokenizerError as e:
