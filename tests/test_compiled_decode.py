@@ -11,6 +11,7 @@ import gpt2kit
 from gpt2kit.config import GenerationConfig
 from gpt2kit.inference.generate import generate_events, make_rows, step
 from gpt2kit.inference.running_batch import EagerDecoder, RunningBatch
+from gpt2kit.kernels import int8
 from gpt2kit.kernels.compiled_decode import CompiledDecoder, OneQueryAttention
 from gpt2kit.kernels.packed_linear import PackedLinear
 
@@ -178,12 +179,25 @@ def test_weights_moved_after_the_decoder_was_made_are_one_clear_error(tiny_folde
 
 
 @pytest.mark.slow
-def test_int8_model_compiled_equals_int8_eager(tiny_folder):
-    """The int8 kernels traced into the compiled step (int8.Int8Products under compilation)."""
+def test_int8_model_compiled_equals_int8_eager(tiny_folder, monkeypatch):
+    """The int8 kernels traced into the compiled step (int8.Int8Products under compilation); with
+    int8 x int8 products, oneDNN's GEMM is called from the step through the custom op, which is
+    what looks packed weights up by handle."""
+
+    class Lookups(dict):
+        count = 0
+
+        def __getitem__(self, handle):
+            Lookups.count += 1
+            return super().__getitem__(handle)
+    monkeypatch.setattr(int8, "_PACKED", Lookups())
     eager = gpt2kit.load(tiny_folder, device="cpu", quantize="int8")
     compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
     prompts = ["Hello there, how are", "Hi"]
-    assert tokens(compiled, prompts) == tokens(eager, prompts)
+    expected = tokens(eager, prompts)
+    assert Lookups.count == 0  # eager products use their packed weight directly
+    assert tokens(compiled, prompts) == expected
+    assert (Lookups.count > 0) == int8.int8_products_available()
 
 
 def test_a_failing_compiler_is_one_clear_error(tiny_folder, monkeypatch):

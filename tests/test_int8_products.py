@@ -88,14 +88,17 @@ def test_bfloat16_activations():
 
 
 @needs_int8_products
-@pytest.mark.parametrize("rows", [3, 20])  # the traced step's two forms
+@pytest.mark.parametrize("rows", [3, 20])
 def test_the_traced_product_has_the_eager_numerics(rows):
     """What a compiled decode step runs (Int8Products.traced), here run eagerly: the same
-    quantized activations, float sums of whole numbers (exact up to float32 rounding)."""
+    quantized activations and the same oneDNN GEMM, through the custom op; under torch.compile
+    too (Inductor's fused quantization may round the last bit differently)."""
     q, scale, bias = weights()
     x = torch.randn(rows, 80, generator=torch.Generator().manual_seed(4))
     linear = int8_linear(q, scale, bias)
-    assert torch.allclose(linear.products.traced(x, q, scale, bias), linear(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear.products.traced(x, q, scale, bias, linear.packed), linear(x))
+    compiled = torch.compile(linear, fullgraph=True)
+    assert torch.allclose(compiled(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_int8_products

@@ -16,15 +16,20 @@ Two ways to multiply, chosen once per model:
   1. Products with many rows (a prefill) convert the weight to float and run an ordinary matrix
   multiply. Without a working compiler the decode path falls back to that too (slower than
   float32; a warning says so).
-Inside a compiled decode step (compiled_decode.py) either way is written as broadcasts and
-reductions that Inductor fuses into the step (`Int8Products.traced`), with the same numerics.
+Inside a compiled decode step (compiled_decode.py), `Int8Products.traced` gives the same
+numerics: int8 x int8 quantizes the activations in the step (Inductor fuses that work with what
+surrounds it) and calls oneDNN's GEMM through the custom op `gpt2kit::int8_int8_product`, which
+names the packed weight by a handle (Dynamo cannot trace the opaque oneDNN tensor itself);
+weight-only is written as broadcasts and reductions that Inductor fuses into the step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -88,21 +93,49 @@ class PackedInt8:
     weight: torch.Tensor
     scale: torch.Tensor
     zero_points: torch.Tensor
+    handle: int  # its key in _PACKED, how a compiled step names it
 
     @staticmethod
     def of(weight: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
         n = weight.shape[0]
-        return PackedInt8(torch.ops.onednn.qlinear_prepack(weight, None), scale.float(),
-                          torch.zeros(n, dtype=torch.long))
+        packed = PackedInt8(torch.ops.onednn.qlinear_prepack(weight, None), scale.float(),
+                            torch.zeros(n, dtype=torch.long), next(_HANDLES))
+        _PACKED[packed.handle] = packed  # as long as a module holds it
+        return packed
 
 
-def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
+# Packed weights by handle, for the custom op: weak, so a model's go when the model goes.
+_PACKED: weakref.WeakValueDictionary[int, PackedInt8] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, traced: bool = False) -> torch.Tensor:
     # oneDNN scales the exact int32 sums by the weight's scales (the activations' scale is passed
     # as 1: it is per row, which the op cannot take), then each row gets its own scale here.
     q, scale = quantize_tokens(x)
-    y = torch.ops.onednn.qlinear_pointwise(q.to(torch.int8), 1.0, 0, packed.weight, packed.scale,
-                                           packed.zero_points, None, 1.0, 0, x.dtype, "none", [], "")
+    if traced:
+        y = torch.ops.gpt2kit.int8_int8_product(q.to(torch.int8), packed.handle, packed.scale.shape[0], x.dtype)
+    else:
+        y = _onednn_product(q.to(torch.int8), packed, x.dtype)
     return _scaled(y, scale.to(x.dtype), bias)
+
+
+def _onednn_product(q: torch.Tensor, packed: PackedInt8, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed.weight, packed.scale, packed.zero_points,
+                                              None, 1.0, 0, dtype, "none", [], "")
+
+
+@torch.library.custom_op("gpt2kit::int8_int8_product", mutates_args=())
+def int8_int8_product(q: torch.Tensor, handle: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """oneDNN's int8 GEMM of q (M, K) int8 by the packed weight registered as `handle`, (n, K),
+    scaled by its per-row scales: (M, n) in `dtype`. An op of its own so a compiled step can call
+    it with a handle, not the opaque packed tensor."""
+    return _onednn_product(q, _PACKED[handle], dtype)
+
+
+@int8_int8_product.register_fake
+def _(q: torch.Tensor, handle: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty((q.shape[0], n), dtype=dtype)
 
 
 def _int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,15 +195,13 @@ class Int8Products:
         return _plus(_int8_dequantized(x, weight, scale), bias)
 
     def traced(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The same product inside a compiled step (Inductor fuses it into the step): with int8
-        activations the rows are quantized as `_int8_int8` does, kept as whole numbers in x's
-        dtype, so the step's tokens are the eager model's."""
+               bias: torch.Tensor | None = None, packed: PackedInt8 | None = None) -> torch.Tensor:
+        """The same product inside a compiled step, with the eager numerics: int8 x int8 through
+        the custom op (module docstring), weight-only as a kernel Inductor generates."""
+        if packed is not None:
+            return _int8_int8(x, packed, bias, traced=True)
         product = _int8_dequantized if x.shape[0] > FUSED_MAX_ROWS else _int8_rows
-        if not self.int8_activations:
-            return _plus(product(materialized(x), weight, scale), bias)
-        q, scale_x = quantize_tokens(x)  # whole numbers: exact in x's dtype (|q| <= 127)
-        return _scaled(product(materialized(q.to(x.dtype)), weight, scale), scale_x.to(x.dtype), bias)
+        return _plus(product(materialized(x), weight, scale), bias)
 
     def __repr__(self) -> str:
         if self.int8_activations:
@@ -195,8 +226,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if torch.compiler.is_compiling():  # never hand the opaque oneDNN tensor to the tracer
-            y = self.products.traced(rows, self.weight, self.scale, self.bias)
+        if torch.compiler.is_compiling():
+            y = self.products.traced(rows, self.weight, self.scale, self.bias, self.packed)
         else:
             y = self.products(rows, self.weight, self.scale, self.bias, self.packed)
         return y.view(*x.shape[:-1], -1)
