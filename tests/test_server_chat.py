@@ -201,3 +201,27 @@ def test_openapi_lists_the_chat_route(url):
     assert {"messages", "max_tokens", "max_completion_tokens", "top_logprobs", "seed", "top_k"} <= set(
         request["properties"])
     assert "prompt" not in request["properties"] and request["properties"]["top_k"]["default"] == 50
+
+
+def test_serve_takes_a_chat_template_file(tiny_folder, tmp_path, monkeypatch):
+    """`gpt2kit serve --chat-template FILE` loads the model with it (checked before serving: a
+    missing file is one line and a non-zero exit, nothing listens)."""
+    import subprocess
+    import sys
+
+    import gpt2kit.server
+    path = tmp_path / "turns.jinja"
+    path.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}")
+    seen = {}
+
+    def fake_app(model, settings, served=None):  # stop before listening: what was loaded is the point
+        seen["template"] = model.chat_template
+        raise SystemExit(0)
+    monkeypatch.setattr("gpt2kit.server.app.create_app", fake_app)
+    with pytest.raises(SystemExit):
+        gpt2kit.server.serve(str(tiny_folder), ServerConfig(chat_template=str(path)), device="cpu")
+    assert seen["template"].render_text([{"role": "user", "content": "hi"}]).startswith("<user> hi")
+    missing = subprocess.run([sys.executable, "-m", "gpt2kit", "serve", "-m", str(tiny_folder),
+                              "--chat-template", str(tmp_path / "nope.jinja")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "nope.jinja" in missing.stderr

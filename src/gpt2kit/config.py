@@ -273,6 +273,11 @@ ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
 DATA_FORMATS = ("text", "chat")
 
 
+# Which template chat uses when none is given (gpt2kit.chat.choose_template), said by every flag
+# that takes one.
+CHAT_TEMPLATE_DEFAULT = ("default: the checkpoint's own template, DialoGPT's convention for DialoGPT "
+                         "models, else plain User:/Assistant: turns")
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the training text is and how to read and split it. The CLI builds flags from these
@@ -307,8 +312,7 @@ class DataConfig:
         "help": "with --format chat: put the loss on every token, system and user turns too "
         "(default: the assistant's turns only)"})
     chat_template: str | None = _field(default=None, metadata={
-        "help": "with --format chat: a Jinja chat template file (default: the model's own, "
-        "DialoGPT's turns for DialoGPT, else plain User:/Assistant: turns)"})
+        "help": f"with --format chat: a Jinja chat template file ({CHAT_TEMPLATE_DEFAULT})"})
 
     def __post_init__(self):
         for name in ("path", "column", "field", "val_file", "cache_dir", "chat_template"):

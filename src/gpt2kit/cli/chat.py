@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..chat import Message, fit_history
-from ..config import GenerationConfig
+from ..config import CHAT_TEMPLATE_DEFAULT, GenerationConfig
 from ..errors import Gpt2kitError
 from .files import write_output
 from .flags import add_dataclass_flags, add_model_flags, generation_config, load_options
@@ -29,8 +29,7 @@ def configure_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message that starts the conversation "
                    "(kept when old turns are dropped)")
     p.add_argument("--chat-template", type=Path, default=None,
-                   help="a Jinja chat template file (default: the checkpoint's own template, "
-                   "DialoGPT's convention for DialoGPT models, else plain User:/Assistant: turns)")
+                   help=f"a Jinja chat template file ({CHAT_TEMPLATE_DEFAULT})")
     add_dataclass_flags(p, GenerationConfig, "generation options (same names and defaults as the Python API)",
                         skip=("n", "logprobs"))
 

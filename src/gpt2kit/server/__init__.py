@@ -25,7 +25,8 @@ def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "
                            "gpt2kit folder (or pip install fastapi uvicorn)") from None
     from ..api import load
     from .app import create_app
-    model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile,
+                 chat_template=settings.chat_template)
     app = create_app(model, settings, served=model_spec)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     from .listen import HTTPProtocol, Server

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check_integer
+from ..config import CHAT_TEMPLATE_DEFAULT, check_integer
 from ..errors import OptionError
 
 
@@ -47,6 +47,8 @@ class ServerConfig:
         "help": "NAME=PATH: also serve the LoRA adapter in PATH (a LoRA run or PEFT adapter folder "
         "trained on this model) as model NAME; repeat for several; requests for different ones "
         "share the batch"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": f"a Jinja chat template file for /v1/chat/completions ({CHAT_TEMPLATE_DEFAULT})"})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds in-flight requests get to finish after SIGTERM before they are "
         "cancelled (default 30)"})
