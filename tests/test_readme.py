@@ -105,6 +105,9 @@ def make_workspace(folder: Path) -> Path:
     for name in ("data.txt", "corpus.txt"):
         (folder / name).write_text("\n".join(jokes[:100]) + "\n", encoding="utf-8")
     (folder / "data.jsonl").write_text("".join(json.dumps({"text": j}) + "\n" for j in jokes[:100]))
+    (folder / "chats.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": j}]}) + "\n"
+        for j in jokes[:100]))
     small_vocab_model(folder / "my-model", seed=1)
     for tf in ("checkpoint/run1", "models/124M"):
         shutil.copytree(TF_FIXTURE, folder / tf)
