@@ -177,3 +177,21 @@ def test_finetune_format_chat_from_the_cli(tmp_path, tiny_folder):
                          env=dict(os.environ))
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --train-on-all-tokens applies with --format chat only")
+    assert not (out / "chat_template.jinja").exists()  # the built-in template is chosen again
+
+
+def test_a_chat_run_keeps_the_template_it_was_trained_with(tmp_path, tiny_folder):
+    import gpt2kit
+    chats = write_chats(tmp_path / "chats.jsonl", CHATS, repeat=10)
+    template = tmp_path / "turns.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant> {% endif %}")
+    out = tmp_path / "bot"
+    r = subprocess.run([sys.executable, "-m", "gpt2kit", "finetune", str(chats), "--format", "chat", "-m",
+                        str(tiny_folder), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+                        "--block-size", "32", "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"),
+                        "--chat-template", str(template)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+    assert gpt2kit.load(out, device="cpu").chat_template.source == template.read_text()

@@ -52,6 +52,7 @@ DIALOGPT_SOURCE = "{% for message in messages %}{{ message.content }}{{ eos_toke
 # one in: the same text typed by a user stays ordinary text (special-token injection).
 EOS_MARK = "\ue000eos\ue001"
 MAX_TEMPLATE_CHARS = 100_000
+CHECKPOINT_TEMPLATE_FILE = "chat_template.jinja"  # a template a checkpoint folder carries as a file
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def template_file(path: str | Path) -> ChatTemplate:
 def checkpoint_template(folder: Path) -> ChatTemplate | None:
     """The template a checkpoint folder carries: chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or a list of named templates of which "default" is taken)."""
-    jinja = folder / "chat_template.jinja"
+    jinja = folder / CHECKPOINT_TEMPLATE_FILE
     if jinja.is_file():
         return template_file(jinja)
     config = _read_json(folder / "tokenizer_config.json")

@@ -24,7 +24,7 @@ import shutil
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ class PreparedData:
     cached: bool  # loaded from the cache
     notes: list[str]  # human-readable remarks for the user
     trained_tokens: int | None = None  # chat data: training tokens the loss is on (None: all of them)
+    chat_template: ChatTemplate | None = None  # chat data: the template it was rendered with
 
 
 def read_documents(cfg: DataConfig, path: str | None = None) -> Iterator[str]:
@@ -97,7 +98,7 @@ def prepare_data(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0,
     cached = manifest is not None
     if manifest is None:
         manifest = _build(cfg, tokenizer, seed, sources, folder, progress, template)
-    return _assemble(folder, manifest, block_size, fingerprint, cached, sources[0])
+    return replace(_assemble(folder, manifest, block_size, fingerprint, cached, sources[0]), chat_template=template)
 
 
 # --- tokenizing and caching ---------------------------------------------------------------------

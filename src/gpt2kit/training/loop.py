@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ..chat import BUILTIN, CHECKPOINT_TEMPLATE_FILE, DIALOGPT
 from ..checkpoints import save_hf
 from ..data.prepare import DataConfig
 from ..errors import Gpt2kitError, Stopped
@@ -298,6 +299,11 @@ def write_model(plan: Plan, parts: Parts, model: GPT, folder: Path) -> None:
         parts.tokenizer.save(folder)
     else:
         save_hf(model, folder, tokenizer=parts.tokenizer)
+    template = parts.data.chat_template
+    if template is not None and template not in (BUILTIN, DIALOGPT):
+        # A template from a file or the base checkpoint goes with the run, so the model chats as it
+        # was trained; the built-in ones are chosen again (they carry stop strings a file cannot).
+        (folder / CHECKPOINT_TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
 
 
 def trainer_state(plan: Plan, parts: Parts, state: State, rng_json: dict) -> dict:
