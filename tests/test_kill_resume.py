@@ -26,6 +26,7 @@ import pytest
 import gpt2kit
 from gpt2kit.training import runs
 
+DTYPE = os.environ.get("KILL_DTYPE", "float32")
 STEPS = 30  # enough steps that the random kills below land before the end, even on a fast machine
 # Runs gpt2kit's CLI after slowing one writer of the run folder down: "write" sleeps after each
 # tensor file of a checkpoint (optimizer.pt, rng.pt), "publish" after each top-level file is linked.
@@ -54,19 +55,19 @@ class Finetune:
         self.options = ["--out", str(self.out), "--max-steps", str(STEPS), "--save-every", "1",
                         "--keep-checkpoints", "2", "--batch-size", "2", "--block-size", "32",
                         "--eval-every", "0", "--eval-batches", "1", "--sample-every", "0",
-                        "--device", "cpu", "--dtype", "float32", "--learning-rate", "1e-3",
+                        "--device", "cpu", "--dtype", DTYPE, "--learning-rate", "1e-3",
                         "--log-every", "1"]  # float32: bfloat16 resumes are not yet proven bitwise here
         self.first = ["finetune", str(data), "--column", "Joke", "-m", str(model),
                       "--cache-dir", str(tmp / "cache")]
         self.count = 0
+        self.env = {**os.environ, "PYTHONPATH": str(Path(gpt2kit.__file__).parents[1])}
 
     def start(self, where: str = "none", pause: float = 0.0) -> subprocess.Popen:
         resume = ["finetune", "--resume"] if (self.out / runs.RUN_FILE).exists() else self.first
         self.count += 1
         log = open(self.logs / f"{self.count}.txt", "w")
-        env = {**os.environ, "PYTHONPATH": str(Path(gpt2kit.__file__).parents[1])}
         proc = subprocess.Popen([sys.executable, "-c", CHILD, where, str(pause), *resume, *self.options],
-                                stdout=subprocess.DEVNULL, stderr=log, env=env)
+                                stdout=subprocess.DEVNULL, stderr=log, env=self.env)
         proc.log = self.logs / f"{self.count}.txt"
         return proc
 
@@ -158,6 +159,27 @@ def test_kill_9_at_many_moments_then_resume_to_the_same_end(tiny_folder, jokes_c
     assert weights_bytes(run.out) == weights_bytes(reference.out)
     losses = [[(r["step"], r["loss"]) for r in runs.Run(f.out).records() if "loss" in r] for f in (run, reference)]
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_first_publish_then_resume(tiny_folder, jokes_csv, tmp_path):
+    """Killed after the first checkpoint's config.json reached the top level, before its weights:
+    the run folder is refused in one line naming the files looked for, and --resume makes the top
+    level whole again before its first step (the checkpoint it continues from, published again)."""
+    run = Finetune(tmp_path, tiny_folder, jokes_csv)
+    proc = run.start("publish", 5.0)
+    run.kill_when(proc, lambda: (run.out / "config.json").is_file())
+    assert not (run.out / "model.safetensors").exists() and run.complete_step() == 1
+    refused = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "-m", str(run.out), "Hi"],
+                             capture_output=True, text=True, env=run.env, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "no weights found" in refused.stderr and "model.safetensors" in refused.stderr
+    first = weights_bytes(run.out / "checkpoints" / "step-0000001")
+    resumed = run.start("none")
+    run.kill_when(resumed, lambda: (run.out / "model.safetensors").is_file())
+    assert "resuming from" in resumed.log.read_text()
+    assert weights_bytes(run.out) == first  # not the next checkpoint's: published before any step
+    check_after_kill(run)
 
 
 def random_delay(ready, seconds: float):
