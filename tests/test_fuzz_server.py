@@ -13,6 +13,7 @@ never a hang, and /health answers after each. Examples are derandomized (the sam
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 
 import httpx
@@ -204,6 +205,36 @@ def test_every_post_endpoint_answers_any_body_with_2xx_or_an_openai_4xx(server):
     url, spec = server
     passed = fuzz(url, spec, FAST)
     assert "/v1/completions" in passed and all(passed.values()), passed
+
+
+# Each of these in each field, the rest of the body valid: every field meets every kind of value.
+ODD_VALUES = [None, True, -1, 1.5, 2**64, -2**63, math.nan, -math.inf, "", "x" * 300, [[[]]],
+              {"a": [1, {"b": None}]}]
+
+
+def simple(spec: dict, schema: dict):
+    """A small value of `schema`'s first type: the valid part of a body whose one field is odd."""
+    schema = resolve(spec, schema)
+    if "anyOf" in schema:
+        return simple(spec, schema["anyOf"][0])
+    kind = schema.get("type")
+    if kind == "array":
+        return [simple(spec, schema.get("items", {}))]
+    if kind == "object":
+        return {k: simple(spec, s) for k, s in schema.get("properties", {}).items() if k in schema.get("required", ())}
+    return {"string": "Hi", "integer": 1, "number": 1.0, "boolean": False}.get(kind)
+
+
+def test_every_field_meets_every_kind_of_json_value(server):
+    url, spec = server
+    for path, schema in post_endpoints(spec).items():
+        base = simple(spec, schema)
+        if "max_tokens" in schema.get("properties", {}):
+            base["max_tokens"] = 1  # the hundreds of bodies accepted stay cheap
+        post_and_check(url, spec, path, json.dumps(base).encode())
+        for name in schema.get("properties", {}):
+            for value in ODD_VALUES:
+                post_and_check(url, spec, path, json.dumps({**base, name: value}).encode())
 
 
 @pytest.mark.slow

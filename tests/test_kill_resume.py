@@ -26,7 +26,6 @@ import pytest
 import gpt2kit
 from gpt2kit.training import runs
 
-DTYPE = os.environ.get("KILL_DTYPE", "float32")
 STEPS = 30  # enough steps that the random kills below land before the end, even on a fast machine
 # Runs gpt2kit's CLI after slowing one writer of the run folder down: "write" sleeps after each
 # tensor file of a checkpoint (optimizer.pt, rng.pt), "publish" after each top-level file is linked.
@@ -49,14 +48,14 @@ sys.exit(main(sys.argv[3:]))
 class Finetune:
     """One run folder, trained by successive child processes."""
 
-    def __init__(self, tmp: Path, model: Path, data: Path):
+    def __init__(self, tmp: Path, model: Path, data: Path, dtype: str = "float32"):
         self.out, self.logs = tmp / "run", tmp / "logs"
         self.logs.mkdir()
         self.options = ["--out", str(self.out), "--max-steps", str(STEPS), "--save-every", "1",
                         "--keep-checkpoints", "2", "--batch-size", "2", "--block-size", "32",
                         "--eval-every", "0", "--eval-batches", "1", "--sample-every", "0",
-                        "--device", "cpu", "--dtype", DTYPE, "--learning-rate", "1e-3",
-                        "--log-every", "1"]  # float32: bfloat16 resumes are not yet proven bitwise here
+                        "--device", "cpu", "--dtype", dtype, "--learning-rate", "1e-3",
+                        "--log-every", "1"]
         self.first = ["finetune", str(data), "--column", "Joke", "-m", str(model),
                       "--cache-dir", str(tmp / "cache")]
         self.count = 0
@@ -125,12 +124,13 @@ def check_after_kill(run: Finetune) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_at_many_moments_then_resume_to_the_same_end(tiny_folder, jokes_csv, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: autocast, 16-bit dropout masks
+def test_kill_9_at_many_moments_then_resume_to_the_same_end(tiny_folder, jokes_csv, tmp_path, dtype):
     (tmp_path / "ref").mkdir()
     (tmp_path / "killed").mkdir()
-    reference = Finetune(tmp_path / "ref", tiny_folder, jokes_csv)
+    reference = Finetune(tmp_path / "ref", tiny_folder, jokes_csv, dtype)
     straight = reference.start()
-    run = Finetune(tmp_path / "killed", tiny_folder, jokes_csv)
+    run = Finetune(tmp_path / "killed", tiny_folder, jokes_csv, dtype)
     rng = random.Random(17)
     checkpoints = run.out / "checkpoints"
     moments = [  # (what is slowed, for how long, when to kill given the newest complete step, a
@@ -150,6 +150,7 @@ def test_kill_9_at_many_moments_then_resume_to_the_same_end(tiny_folder, jokes_c
             assert f"resuming from {checkpoints / f'step-{step:07d}'} at step {step}" in proc.log.read_text()
         assert left is None or run.hidden(*left), f"kill {i} came after the write it was meant to interrupt"
         step = check_after_kill(run)
+    assert ("bfloat16 autocast" in (run.logs / "1.txt").read_text()) == (dtype == "bfloat16")  # the path asked for
     last = run.start()
     assert last.wait(timeout=600) == 0, last.log.read_text()
     assert f"at step {step}" in last.log.read_text()
