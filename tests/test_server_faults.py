@@ -10,12 +10,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from server_helpers import running_server
 
+import gpt2kit
+from gpt2kit.server import listen
 from gpt2kit.server.app import create_app
 from gpt2kit.server.settings import ServerConfig
 
@@ -161,6 +164,34 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_folder):
     finally:
         server.kill()
         server.wait()
+
+
+def test_native_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch):
+    for name in listen.NATIVE_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # an operator's own choice stays
+    listen.bound_native_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(listen.NATIVE_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_server.py"
+
+
+@pytest.mark.slow
+def test_a_short_soak_gets_no_5xx_and_the_same_seeded_text(tmp_path):
+    """benchmarks/soak_server.py for 20 s at 8 clients (valid, malformed and abandoned requests)."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, str(SOAK), "--seconds", "20", "--clients", "8", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(gpt2kit.__file__).parents[1])})
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["five_xx"] == [] and result["seeded_same_under_load"]
+    by_status = result["by_status"]
+    assert by_status.get("200", 0) > 50 and by_status.get("400", 0) > 10 and by_status.get("disconnected", 0) > 0
+    assert set(by_status) <= {"200", "400", "404", "disconnected"}, by_status  # no timeouts, no 5xx
+    assert result["sigterm_exit"] in (0, -signal.SIGTERM)
 
 
 def _up(url: str) -> bool:

@@ -117,6 +117,10 @@ def finetune(data: str | DataConfig | None = None, model: str | None = None,
 def train(plan: Plan, parts: Parts, state: State, stop: StopSignals) -> RunResult:
     """The loop: one optimizer step per iteration, then whatever is due after it."""
     cfg, total = plan.cfg, plan.steps.total
+    if plan.resume is not None and parts.world.is_main:
+        # A kill mid-publish can leave the top level without weights (the first publish) or
+        # with an older checkpoint's: make it the checkpoint resumed from before any step.
+        parts.run.publish(plan.resume.folder)
     if state.step == 0:
         evaluate(plan, parts, state)
     while state.step < total:
