@@ -205,7 +205,9 @@ def test_openapi_lists_the_chat_route(url):
 
 def test_serve_takes_a_chat_template_file(tiny_folder, tmp_path, monkeypatch):
     """`gpt2kit serve --chat-template FILE` loads the model with it (checked before serving: a
-    missing file is one line and a non-zero exit, nothing listens)."""
+    missing file is one line and a non-zero exit, nothing listens); serve bounds torch's kernel
+    caches before loading (server/listen.py)."""
+    import os
     import subprocess
     import sys
 
@@ -213,6 +215,9 @@ def test_serve_takes_a_chat_template_file(tiny_folder, tmp_path, monkeypatch):
     path = tmp_path / "turns.jinja"
     path.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}")
     seen = {}
+    from gpt2kit.server import listen
+    for name in listen.NATIVE_CACHE_VARIABLES:  # serve bounds torch's kernel caches (restored after)
+        monkeypatch.delenv(name, raising=False)
 
     def fake_app(model, settings, served=None):  # stop before listening: what was loaded is the point
         seen["template"] = model.chat_template
@@ -221,6 +226,7 @@ def test_serve_takes_a_chat_template_file(tiny_folder, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         gpt2kit.server.serve(str(tiny_folder), ServerConfig(chat_template=str(path)), device="cpu")
     assert seen["template"].render_text([{"role": "user", "content": "hi"}]).startswith("<user> hi")
+    assert all(os.environ[name] == str(listen.NATIVE_CACHE_CAPACITY) for name in listen.NATIVE_CACHE_VARIABLES)
     missing = subprocess.run([sys.executable, "-m", "gpt2kit", "serve", "-m", str(tiny_folder),
                               "--chat-template", str(tmp_path / "nope.jinja")], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1

@@ -25,6 +25,8 @@ def serve(model_spec: str, settings: ServerConfig | None = None, device: str = "
                            "gpt2kit folder (or pip install fastapi uvicorn)") from None
     from ..api import load
     from .app import create_app
+    from .listen import bound_native_caches
+    bound_native_caches()  # before the model's first oneDNN product: RSS stays flat under load
     model = load(model_spec, device=device, dtype=dtype, quantize=quantize, compile=compile,
                  chat_template=settings.chat_template)
     app = create_app(model, settings, served=model_spec)
