@@ -4,17 +4,22 @@ taken; the weight-only fallback where the CPU lacks VNNI/AMX."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gpt2kit
 import gpt2kit.quantize
-from gpt2kit.kernels import int8
+from gpt2kit.kernels import int8, native
 from gpt2kit.kernels.int8 import (
+    NATIVE_MAX_ROWS,
     Int8Linear,
     Int8Products,
+    PackedInt8,
     int8_products_available,
+    native_rows,
     quantize_rows,
     quantize_tokens,
 )
@@ -41,7 +46,7 @@ def test_product_is_the_exact_integer_sum_scaled(rows):
     x = torch.randn(rows, 80, generator=torch.Generator().manual_seed(rows)) * 3
     linear = int8_linear(q, scale, bias)
     got = linear(x)
-    assert linear.products.last == "int8 x int8"
+    assert linear.products.last == ("int8 x int8: native rows" if native_rows(x) else "int8 x int8: oneDNN")
     qx, s = quantize_tokens(x)
     assert qx.abs().amax(1).eq(127).all() and qx.eq(torch.round(qx)).all()  # whole, spanning int8
     sums = qx.long() @ q.long().T  # exact
@@ -70,8 +75,52 @@ def test_a_rows_result_does_not_depend_on_its_batch():
     x[3] *= 100  # an outlier row changes no other row's scale
     linear = int8_linear(q, scale, bias)
     alone = torch.cat([linear(row) for row in x[:8].split(1)])
-    for rows in (8, 17, 600):  # decode-sized, past the old fused limit, prefill-sized
-        assert torch.equal(linear(x[:rows])[:8], alone)
+    for rows in (2, 3, 8, 17, 600):  # native rows kernel, decode-sized, prefill-sized
+        assert torch.equal(linear(x[:rows])[:8], alone[:rows])
+
+
+needs_native = pytest.mark.skipif(native.library("int8_rows") is None, reason="no native int8 kernel here (no AVX512-VNNI or no C compiler)")
+
+
+@needs_native
+@pytest.mark.parametrize("n, k", [(96, 80), (2304, 768), (37, 130), (5, 64), (50257, 48)])
+@pytest.mark.parametrize("rows", range(1, NATIVE_MAX_ROWS + 1))
+def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
+    """The native row kernel (kernels/native/int8_rows.c) against oneDNN's GEMM on the same
+    quantized rows: equal bits, with and without a bias, for sizes that are not whole blocks
+    (rows of 16 or 8, columns of 64)."""
+    g = torch.Generator().manual_seed(rows * n + k)
+    q, scale = quantize_rows(torch.randn(n, k, generator=g))
+    packed, x = PackedInt8.of(q, scale), torch.randn(rows, k, generator=g) * 5
+    qx, s = quantize_tokens(x)
+    onednn = int8._onednn_product(qx.to(torch.int8), packed, torch.float32)
+    for bias in (None, torch.randn(n, generator=g)):
+        assert native_rows(x)
+        expected = onednn * s if bias is None else torch.addcmul(bias, onednn, s)
+        assert torch.equal(int8._int8_int8(x, packed, bias), expected)
+
+
+def test_native_kernels_are_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2KIT_KERNEL_CACHE", str(tmp_path))
+    build = functools.partial(native._built, "int8_rows", native.LIBRARIES["int8_rows"])
+    if native.library("int8_rows") is None:
+        pytest.skip("no native int8 kernel here (no AVX512-VNNI or no C compiler)")
+    first = build()
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporaries left
+
+
+def test_without_a_compiler_int8_keeps_onednn(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GPT2KIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native, "cpu_has", lambda probe: True)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    with caplog.at_level("INFO", logger="gpt2kit.kernels.native"):
+        assert native.library.__wrapped__("int8_rows") is None
+    assert "no C compiler found" in caplog.text and not list(tmp_path.iterdir())
 
 
 @needs_int8_products
@@ -108,7 +157,7 @@ def test_loaded_model_multiplies_int8_by_int8(tiny_folder, tiny_model):
     assert products.int8_activations and "int8 x int8" in str(model.module)  # print(model) says so
     prompts = ["Hello there", "A longer prompt than the other one", "Hi"]
     together = model.complete(prompts, max_new_tokens=6, temperature=0, stop_at_eos=False)
-    assert products.last == "int8 x int8"
+    assert products.last.startswith("int8 x int8")
     alone = [model.complete(p, max_new_tokens=6, temperature=0, stop_at_eos=False)[0] for p in prompts]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..runtime import cpu_has
 from .compile_log import compiling
+from .native import library
 from .packed_linear import materialized
 
 FUSED_MAX_ROWS = 16  # above this the fused kernel (one pass per row) loses to dequantize + matmul
@@ -75,30 +76,35 @@ def int8_products_available(device_type: str = "cpu") -> bool:
         return False
     w = torch.arange(-40, 40, dtype=torch.int8).reshape(8, 10)
     x = torch.arange(30, dtype=torch.float32).reshape(3, 10) - 7
+    q, scale = quantize_tokens(x)
     try:
-        got = _int8_int8(x, PackedInt8.of(w, torch.ones(8)), None)
+        got = _onednn_product(q.to(torch.int8), PackedInt8.of(w, torch.ones(8)), torch.float32)
     except RuntimeError as e:  # a torch or oneDNN build without the int8 kernels
         log.info("int8: oneDNN's int8 x int8 product failed (%s); using weight-only int8", e)
         return False
-    q, scale = quantize_tokens(x)
-    return torch.equal(got, (q @ w.float().T) * scale)
+    return torch.equal(got, q @ w.float().T)
 
 
 @dataclass(frozen=True)
 class PackedInt8:
-    """An int8 weight (N, K) as oneDNN's int8 GEMM reads it: reordered once (an opaque oneDNN
-    tensor, a second copy beside the plain weight, which the compiled step, export and `info`
-    read), with its per-row scales in float32 and the zero points oneDNN asks for (all zero)."""
+    """An int8 weight (N, K) as the int8 x int8 products read it: reordered once for oneDNN's
+    GEMM (an opaque oneDNN tensor, a second copy beside the plain weight, which export and `info`
+    read), the plain weight itself for the native row kernel with 128 * each row's sum (the
+    kernel's unsigned shift, taken back out), the per-row scales in float32 and the zero points
+    oneDNN asks for (all zero)."""
 
     weight: torch.Tensor
+    plain: torch.Tensor
+    shift: torch.Tensor
     scale: torch.Tensor
     zero_points: torch.Tensor
     handle: int  # its key in _PACKED, how a compiled step names it
 
     @staticmethod
     def of(weight: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
-        n = weight.shape[0]
-        packed = PackedInt8(torch.ops.onednn.qlinear_prepack(weight, None), scale.float(),
+        n, weight = weight.shape[0], weight.contiguous()
+        packed = PackedInt8(torch.ops.onednn.qlinear_prepack(weight, None), weight,
+                            weight.sum(1, dtype=torch.int32).mul_(128), scale.float().contiguous(),
                             torch.zeros(n, dtype=torch.long), next(_HANDLES))
         _PACKED[packed.handle] = packed  # as long as a module holds it
         return packed
@@ -109,15 +115,47 @@ _PACKED: weakref.WeakValueDictionary[int, PackedInt8] = weakref.WeakValueDiction
 _HANDLES = itertools.count()
 
 
-def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, traced: bool = False) -> torch.Tensor:
-    # oneDNN scales the exact int32 sums by the weight's scales (the activations' scale is passed
-    # as 1: it is per row, which the op cannot take), then each row gets its own scale here.
-    q, scale = quantize_tokens(x)
-    if traced:
-        y = torch.ops.gpt2kit.int8_int8_product(q.to(torch.int8), packed.handle, packed.scale.shape[0], x.dtype)
-    else:
-        y = _onednn_product(q.to(torch.int8), packed, x.dtype)
-    return _scaled(y, scale.to(x.dtype), bias)
+NATIVE_MAX_ROWS = 3  # above this oneDNN's GEMM (AMX) beats the native row kernel (one-thread A/B)
+
+
+def native_rows(x: torch.Tensor) -> bool:
+    """Whether an int8 x int8 product of x runs in the native row kernel (kernels/native.py)."""
+    return x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and library("int8_rows") is not None
+
+
+def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
+    # A few float32 rows: one native call quantizes and multiplies. Otherwise oneDNN scales the
+    # exact int32 sums by the weight's scales (the activations' scale is passed as 1: it is per
+    # row, which the op cannot take), then each row gets its own scale here. The same bits.
+    if native_rows(x):
+        return _native_product(x.contiguous(), packed, bias)
+    q, scale = _quantized(x)
+    return _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
+
+
+def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_tokens(x) as int8, in one native call where there is one."""
+    kernels = library("int8_rows")
+    if kernels is None or x.dtype != torch.float32:
+        q, scale = quantize_tokens(x)
+        return q.to(torch.int8), scale
+    x = x.contiguous()
+    q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0], 1)
+    kernels.gpt2kit_quantize_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), *x.shape, torch.get_num_threads())
+    return q, scale
+
+
+def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
+    (m, k), n = x.shape, packed.plain.shape[0]
+    out = torch.empty(m, n)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    failed = library("int8_rows").gpt2kit_int8_linear(
+        x.data_ptr(), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"int8: no memory for the quantized activations ({m} x {k} bytes)")
+    return out
 
 
 def _onednn_product(q: torch.Tensor, packed: PackedInt8, dtype: torch.dtype) -> torch.Tensor:
@@ -125,17 +163,17 @@ def _onednn_product(q: torch.Tensor, packed: PackedInt8, dtype: torch.dtype) -> 
                                               None, 1.0, 0, dtype, "none", [], "")
 
 
-@torch.library.custom_op("gpt2kit::int8_int8_product", mutates_args=())
-def int8_int8_product(q: torch.Tensor, handle: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """oneDNN's int8 GEMM of q (M, K) int8 by the packed weight registered as `handle`, (n, K),
-    scaled by its per-row scales: (M, n) in `dtype`. An op of its own so a compiled step can call
-    it with a handle, not the opaque packed tensor."""
-    return _onednn_product(q, _PACKED[handle], dtype)
+@torch.library.custom_op("gpt2kit::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The int8 x int8 product of x (M, K) float by the packed weight registered as `handle`,
+    (n, K), plus bias: (M, n) in x's dtype, as eager runs it. An op of its own so a compiled step
+    can call it with a handle, not the opaque packed tensor."""
+    return _int8_int8(x, _PACKED[handle], bias)
 
 
-@int8_int8_product.register_fake
-def _(q: torch.Tensor, handle: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return q.new_empty((q.shape[0], n), dtype=dtype)
+@int8_linear.register_fake
+def _(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
 
 
 def _int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,7 +200,7 @@ class Int8Products:
     False: weight-only, for a few rows one compiled kernel (compiled on first use, once per
     process), else dequantize + matmul; if the kernel cannot be compiled (no C++ compiler, no
     Triton), it says so once and keeps to the second path. `last` names the path the latest eager
-    product took: "int8 x int8", "fused" or "dequantized"."""
+    product took: "int8 x int8: native rows" or "int8 x int8: oneDNN", "fused" or "dequantized"."""
 
     def __init__(self, int8_activations: bool = False):
         self.int8_activations = int8_activations
@@ -179,7 +217,7 @@ class Int8Products:
         """x (M, K) float times the int8 weight (N, K) with per-row scales (N,) in x's dtype, plus
         the bias: (M, N). `packed`: the weight's `pack`."""
         if packed is not None:
-            self.last = "int8 x int8"
+            self.last = "int8 x int8: native rows" if native_rows(x) else "int8 x int8: oneDNN"
             return _int8_int8(x, packed, bias)
         if x.shape[0] <= FUSED_MAX_ROWS and self.state != "unavailable":
             try:
@@ -199,7 +237,7 @@ class Int8Products:
         """The same product inside a compiled step, with the eager numerics: int8 x int8 through
         the custom op (module docstring), weight-only as a kernel Inductor generates."""
         if packed is not None:
-            return _int8_int8(x, packed, bias, traced=True)
+            return torch.ops.gpt2kit.int8_linear(x, packed.handle, packed.scale.shape[0], bias)
         product = _int8_dequantized if x.shape[0] > FUSED_MAX_ROWS else _int8_rows
         return _plus(product(materialized(x), weight, scale), bias)
 

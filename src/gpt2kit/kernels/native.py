@@ -1,0 +1,134 @@
+"""gpt2kit's own C kernels (`kernels/native/*.c`): compiled on first use with the machine's C
+compiler, cached on disk, loaded with ctypes, run on torch's own OpenMP threads.
+
+Why C at all: a batch-1 decode step is 49 products of one row, as fast as the weights stream from
+memory; oneDNN streams them at about half the speed the memory allows, and an int8 product also
+needs ~6 small torch operators quantizing the row (issue 15's profile). One C function per
+product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `float_rows.c` (float32 on
+AVX512, bfloat16 on AVX512-BF16).
+Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
+headers; the file compiles in well under a second where a C++ extension takes ~40 s.
+Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
+in /proc/self/maps), so the kernels share torch's thread pool; a second pool in one process
+slows both several times over.
+
+Anything missing (not Linux x86-64, a CPU feature, no C compiler, an unwritable cache, a failed
+build) makes `library(name)` None and leaves the callers on their torch path; the reason is logged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime import cpu_has
+
+SOURCES = Path(__file__).with_name("native")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fPIC")
+_P, _N, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointer, size, thread count
+
+
+@dataclass(frozen=True)
+class Library:
+    """A C file of kernels/native: the CPU features it needs (torch.cpu probes), its extra compiler
+    flags, and each function's (argument types, result type)."""
+
+    needs: tuple[str, ...]
+    flags: tuple[str, ...]
+    functions: dict[str, tuple[list, object]]
+
+
+LIBRARIES = {
+    "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
+        "gpt2kit_int8_linear": ([_P] * 6 + [_N] * 3 + [_T], ctypes.c_int),
+        "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None)}),
+    "float_rows": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [_T], None),
+        "gpt2kit_bf16_rows": ([_P] * 4 + [_N] * 3 + [_T], None)}),
+}
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $GPT2KIT_KERNEL_CACHE, else ~/.cache/gpt2kit/kernels."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2kit" / "kernels"
+    return Path(os.environ.get("GPT2KIT_KERNEL_CACHE") or default).expanduser()
+
+
+@functools.cache
+def library(name: str) -> ctypes.CDLL | None:
+    """kernels/native/NAME.c (a key of LIBRARIES), built for this machine and loaded, or None (the
+    reason logged at INFO: the callers' torch path is correct, only slower)."""
+    spec = LIBRARIES[name]
+    try:
+        loaded = ctypes.CDLL(str(_built(name, spec)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.info("native kernels %s unavailable (%s); using torch's", name, str(e).splitlines()[0])
+        return None
+    for function, (arguments, result) in spec.functions.items():
+        getattr(loaded, function).argtypes, getattr(loaded, function).restype = arguments, result
+    return loaded
+
+
+def _built(name: str, spec: Library) -> Path:
+    """The shared library of kernels/native/NAME.c, built once per (source, compiler, flags,
+    OpenMP runtime) and kept in cache_dir(); published by rename, so concurrent builds are
+    harmless."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise RuntimeError(f"the C kernels are built for Linux x86-64 only, not {platform.system()} {platform.machine()}")
+    if missing := [probe for probe in spec.needs if not cpu_has(probe)]:
+        raise RuntimeError(f"this CPU fails {', '.join(missing)}")
+    compiler, openmp, flags = _compiler(), _openmp_runtime(), FLAGS + spec.flags
+    source = SOURCES / f"{name}.c"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), " ".join(flags).encode(), openmp.encode()]))
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
+        # Compile with -fopenmp (the pragmas) but link without it, against torch's runtime only:
+        # -fopenmp at link time would add the system's libgomp, a second runtime.
+        _run([compiler, *flags, "-fopenmp", "-c", str(source), "-o", str(obj)])
+        _run([compiler, "-shared", "-Wl,--no-undefined", str(obj), openmp, "-lm", "-o", str(lib)])
+        os.replace(lib, target)
+    log.info("built the native kernels %s", target)
+    return target
+
+
+def _compiler() -> str:
+    # gcc first: clang's -fopenmp emits calls into LLVM's runtime, which torch's libgomp lacks.
+    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    raise RuntimeError("no C compiler found (install gcc, or set CC)")
+
+
+def _openmp_runtime() -> str:
+    """The OpenMP runtime torch loaded into this process (libgomp, or Intel's libiomp5, which also
+    answers GOMP_* calls)."""
+    import torch  # noqa: F401  (loads the runtime)
+
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if any(runtime in Path(path).name for runtime in ("libgomp", "libiomp5")):
+                return path
+    raise RuntimeError("torch runs without an OpenMP runtime here")
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} failed: {(done.stderr or done.stdout).strip()}")

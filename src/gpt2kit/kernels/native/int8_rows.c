@@ -1,0 +1,135 @@
+/* int8 x int8 products for a few rows (decode), AVX512-VNNI. Built and loaded by kernels/native.py.
+
+   Each row of x is quantized with a scale of its own (symmetric, absmax / 127, rounded half to
+   even: the same numbers as int8.quantize_tokens), shifted by +128 into uint8 because vpdpbusd
+   multiplies unsigned by signed bytes; the shift comes back out as 128 * sum(w) per weight row
+   (`wsum`, made once). The int32 sums are exact, so the result equals oneDNN's path bit for bit
+   (tests/test_int8_products.py), including the epilogue: (sum * wscale) * xscale, the bias added
+   in the one rounding of a fused multiply-add as torch's addcmul does.
+
+   The weight stays in its plain (N, K) layout (no second copy): 16 rows (8 when several tokens
+   share each load) are read side by side, one accumulator per row, and the accumulators are
+   summed across lanes by a transpose at the end. Rows are split over the caller's OpenMP threads
+   (torch's own runtime: see native.py). */
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+void gpt2kit_quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, int64_t K, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float top = 0.0f;
+        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(xm[k]));
+        float s = fmaxf(top / 127.0f, FLT_MIN);
+        for (int64_t k = 0; k < K; k++) q[m * K + k] = (int8_t)nearbyintf(xm[k] / s);
+        scale[m] = s;
+    }
+}
+
+/* Transpose-and-add steps: 16 accumulators (16 lanes each) -> one vector of 16 row sums. */
+static inline __m512i pair(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
+static inline __m512i quad(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+static inline __m512i lanes(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+}
+
+static inline __mmask64 tail(int64_t left) {
+    return left >= 64 ? (__mmask64)-1 : (__mmask64)-1 >> (64 - left);
+}
+
+/* Rows n0..n0+15 of w (pointers past N clamped to row N-1, their sums discarded) dotted with one
+   shifted row u: lane r holds row n0 + r. */
+static inline __m512i rows16(const uint8_t *u, const int8_t *w, int64_t n0, int64_t N, int64_t K) {
+    __m512i acc[16];
+    const int8_t *row[16];
+    for (int r = 0; r < 16; r++) {
+        acc[r] = _mm512_setzero_si512();
+        row[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;
+    }
+    for (int64_t k = 0; k < K; k += 64) {
+        __mmask64 m = tail(K - k);
+        __m512i xv = _mm512_maskz_loadu_epi8(m, u + k);
+        for (int r = 0; r < 16; r++)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_maskz_loadu_epi8(m, row[r] + k));
+    }
+    return lanes(lanes(quad(pair(acc[0], acc[1]), pair(acc[2], acc[3])), quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]))),
+                 lanes(quad(pair(acc[8], acc[9]), pair(acc[10], acc[11])), quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]))));
+}
+
+/* Rows n0..n0+7 dotted with T (<= 3, a constant after inlining) shifted rows: each weight load
+   serves T tokens. Lanes 0-7 of sums[t] hold token t's row sums. */
+static inline __attribute__((always_inline)) void rows8(const uint8_t *u, int T, const int8_t *w, int64_t n0,
+                                                        int64_t N, int64_t K, __m512i *sums) {
+    __m512i acc[3][8];
+    const int8_t *row[8];
+    for (int r = 0; r < 8; r++) {
+        row[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;
+        for (int t = 0; t < T; t++) acc[t][r] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < K; k += 64) {
+        __mmask64 m = tail(K - k);
+        __m512i xv[3];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_epi8(m, u + t * K + k);
+        for (int r = 0; r < 8; r++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(m, row[r] + k);
+            for (int t = 0; t < T; t++) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], xv[t], wv);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        __m512i f = lanes(quad(pair(acc[t][0], acc[t][1]), pair(acc[t][2], acc[t][3])),
+                          quad(pair(acc[t][4], acc[t][5]), pair(acc[t][6], acc[t][7])));
+        sums[t] = lanes(f, f);
+    }
+}
+
+static inline void finish(__m512i sums, __m512i wsum, __m512 wscale, const float *bias, __m512 b, float xscale,
+                          float *out, __mmask16 valid) {
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, wsum)), wscale);
+    __m512 s = _mm512_set1_ps(xscale);
+    y = bias ? _mm512_fmadd_ps(y, s, b) : _mm512_mul_ps(y, s);
+    _mm512_mask_storeu_ps(out, valid, y);
+}
+
+/* out (M, N) = quantized x (M, K) times w (N, K), scaled, plus bias (or NULL). Returns 0, or -1 if
+   the scratch memory could not be allocated. */
+int gpt2kit_int8_linear(const float *x, const int8_t *w, const int32_t *wsum, const float *wscale,
+                        const float *bias, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+    int8_t *q = malloc((size_t)(M * K));
+    float *xscale = malloc((size_t)M * sizeof(float));
+    if (!q || !xscale) { free(q); free(xscale); return -1; }
+    gpt2kit_quantize_rows(x, q, xscale, M, K, 1);
+    uint8_t *u = (uint8_t *)q;
+    for (int64_t i = 0; i < M * K; i++) u[i] = (uint8_t)(q[i] + 128);
+    int64_t R = M == 1 ? 16 : 8, blocks = (N + R - 1) / R;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n0 = blk * R, left = N - n0 < R ? N - n0 : R;
+        __mmask16 valid = (__mmask16)((1u << left) - 1);
+        __m512i ws = _mm512_maskz_loadu_epi32(valid, wsum + n0);
+        __m512 sc = _mm512_maskz_loadu_ps(valid, wscale + n0);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + n0) : _mm512_setzero_ps();
+        if (M == 1) {
+            finish(rows16(u, w, n0, N, K), ws, sc, bias, b, xscale[0], out + n0, valid);
+            continue;
+        }
+        __m512i sums[3];
+        for (int64_t m = 0; m < M;) {
+            int T = M - m >= 3 ? 3 : (int)(M - m);
+            if (T == 3) rows8(u + m * K, 3, w, n0, N, K, sums);
+            else if (T == 2) rows8(u + m * K, 2, w, n0, N, K, sums);
+            else rows8(u + m * K, 1, w, n0, N, K, sums);
+            for (int t = 0; t < T; t++) finish(sums[t], ws, sc, bias, b, xscale[m + t], out + (m + t) * N + n0, valid);
+            m += T;
+        }
+    }
+    free(q);
+    free(xscale);
+    return 0;
+}
