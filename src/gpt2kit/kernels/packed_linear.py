@@ -127,6 +127,12 @@ class PackedLinear(torch.nn.Module):
             return self._native_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
 
+    def extra_repr(self) -> str:
+        n, k = self.weight.shape if not self.packed else (None, None)
+        layout = f"native up to {NATIVE_MAX_ROWS} rows, oneDNN above" if self.rows else "oneDNN"
+        shape = f"in_features={k}, out_features={n}, " if n else ""
+        return f"{shape}{self.weight.dtype}, {'packed' if self.packed else 'plain'}: {layout}{', gelu' if self.gelu else ''}"
+
     def _native_rows(self, rows: torch.Tensor) -> torch.Tensor:
         (m, k), n = rows.shape, self.weight.shape[0]
         out = rows.new_empty(m, n)
