@@ -12,7 +12,8 @@ from gpt2kit.config import GenerationConfig
 from gpt2kit.inference.generate import generate_events, make_rows, step
 from gpt2kit.inference.running_batch import EagerDecoder, RunningBatch
 from gpt2kit.kernels import int8
-from gpt2kit.kernels.compiled_decode import CompiledDecoder, OneQueryAttention
+from gpt2kit.kernels.compiled_decode import CompiledDecoder
+from gpt2kit.kernels.one_query_attention import OneQueryAttention
 from gpt2kit.kernels.packed_linear import PackedLinear
 
 GREEDY = GenerationConfig(temperature=0, stop_at_eos=False, max_new_tokens=30)

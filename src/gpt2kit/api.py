@@ -20,6 +20,7 @@ from .inference.generate import Completion, generate_events
 from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.compiled_decode import CompiledDecoder
+from .kernels.one_query_attention import use_one_query_attention
 from .kernels.packed_linear import PackedLinear, prepare_for_inference
 from .lora import count_parameters, read_adapter
 from .quantize import check_quantize, quantize_int8
@@ -48,6 +49,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
         quantize_int8(loaded.model)
     else:
         prepare_for_inference(loaded.model, pack=not compile)  # compiled: see PackedLinear.forward
+    use_one_query_attention(loaded.model)
     decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()

@@ -34,27 +34,13 @@ import torch
 
 from ..errors import DeviceError
 from ..inference.kv_cache import KVCache
-from ..model import GPT, Positions, ScaledDotProduct
+from ..model import GPT, Positions
 from .compile_log import compiling
+from .one_query_attention import use_one_query_attention
 from .packed_linear import PackedLinear
 
 RECOMPILE_LIMIT = 64  # compilations of the step per model: cache shapes x dtypes
 ATTEND_STEP = 16  # on CPU the step attends over the written slots rounded up to a multiple of this
-
-
-class OneQueryAttention(ScaledDotProduct):
-    """Under compilation, attention for one query per row written as broadcasts and reductions
-    that Inductor fuses into two passes over the cache; otherwise the plain kernel. On CPU, SDPA's
-    flash kernel took about twice as long for 12 heads of one query over 256 slots (GPT-2 124M):
-    126-165 against 87-105 us per compiled call. Sums and softmax in float32 whatever the
-    cache's dtype (the conversions happen inside the fused kernels' loads)."""
-
-    def forward(self, q, k, v, mask):
-        if not (torch.compiler.is_compiling() and q.shape[-2] == 1 and mask is not None):
-            return super().forward(q, k, v, mask)
-        scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, nh, S, 1)
-        scores = scores.masked_fill(~mask.transpose(-1, -2), float("-inf"))
-        return (scores.softmax(dim=2) * v.float()).sum(2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)
 
 
 class CompiledDecoder:
@@ -63,11 +49,7 @@ class CompiledDecoder:
     def __init__(self, model: GPT):
         self.model = model
         self.cuda = model.transformer.wpe.weight.device.type == "cuda"
-        if not self.cuda:
-            for block in model.transformer.h:
-                core = block.attn.core
-                if type(core) is ScaledDotProduct:
-                    block.attn.core = OneQueryAttention(core.p).train(core.training)
+        use_one_query_attention(model)  # CPU only
         # PackedLinear's oneDNN op compiles only with its weight frozen into the graph as a
         # constant. Freezing nothing else: Inductor would keep a repacked copy of every plain
         # nn.Linear weight per compilation (measured: +250 MB per shape for GPT-2 124M bfloat16).

@@ -4,7 +4,8 @@ compiler, cached on disk, loaded with ctypes, run on torch's own OpenMP threads.
 Why C at all: a batch-1 decode step is 49 products of one row, as fast as the weights stream from
 memory; oneDNN streams them at about half the speed the memory allows, and an int8 product also
 needs ~6 small torch operators quantizing the row (issue 15's profile). One C function per
-product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `f32_rows.c` (float32, AVX512).
+product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `f32_rows.c` (float32, AVX512);
+`attention.c` does a decode step's attention of one query per head (SDPA's costs ~20 us a layer).
 (bfloat16 stays on oneDNN: its packed AMX kernels are faster from two rows on, and a plain copy
 beside the packed one for a few rows would double the weights' memory.)
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
@@ -54,6 +55,9 @@ LIBRARIES = {
         "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [_T], None)}),
+    "attention": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [ctypes.c_float, _T],
+                                        ctypes.c_int)}),
 }
 
 log = logging.getLogger(__name__)

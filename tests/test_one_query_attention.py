@@ -1,0 +1,65 @@
+"""Attention of one query per row (kernels/one_query_attention.py): the native kernel
+(native/attention.c) against SDPA, on cache-shaped inputs with padding masks; the plain core for
+everything else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt2kit
+from gpt2kit.kernels import one_query_attention
+from gpt2kit.kernels.native import library
+from gpt2kit.kernels.one_query_attention import OneQueryAttention, native_fits
+
+needs_native = pytest.mark.skipif(library("attention") is None, reason="no native attention kernel here (no AVX512 or no C compiler)")
+
+
+def decode_inputs(B: int, H: int, S: int, D: int, slots: int = 300, seed: int = 0):
+    """q as the model makes it (a view of c_attn's output), keys and values as views of a larger
+    cache, and a (B, 1, 1, S) mask hiding each row's left padding."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, 3 * H * D, generator=g)[..., :H * D].view(B, 1, H, D).transpose(1, 2)
+    k, v = (torch.randn(B, H, slots, D, generator=g)[:, :, :S] for _ in range(2))
+    pad = torch.arange(B) * 3 % max(S - 1, 1)
+    mask = (torch.arange(S)[None, :] >= pad[:, None])[:, None, None]
+    return q, k, v, mask
+
+
+@needs_native
+@pytest.mark.parametrize("B, H, S, D", [(1, 12, 80, 64), (3, 4, 1, 64), (2, 3, 17, 20), (4, 2, 300, 80), (1, 25, 33, 64)])
+def test_native_matches_sdpa(B, H, S, D, monkeypatch):
+    q, k, v, mask = decode_inputs(B, H, S, D)
+    calls = []
+    monkeypatch.setattr(one_query_attention, "_native", lambda *a, _f=one_query_attention._native: calls.append(1) or _f(*a))
+    core = OneQueryAttention().eval()
+    got = core(q, k, v, mask)
+    assert calls and got.shape == (B, H, 1, D)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+    assert got.transpose(1, 2).is_contiguous()  # the model's re-assembly of heads copies nothing
+
+
+@needs_native
+def test_one_mask_row_for_every_batch_row():
+    q, k, v, _ = decode_inputs(3, 4, 40, 64)
+    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :5] = False
+    torch.testing.assert_close(OneQueryAttention().eval()(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_everything_else_takes_the_plain_core(monkeypatch):
+    monkeypatch.setattr(one_query_attention, "_native", lambda *a: pytest.fail("the native kernel ran"))
+    q, k, v, mask = decode_inputs(2, 2, 9, 16)
+    core = OneQueryAttention().eval()
+    core(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # not float32
+    assert not native_fits(q, k.transpose(2, 3), v)
+    core.train()(q, k, v, mask)  # training
+    prompt = torch.randn(2, 2, 9, 16)
+    core.eval()(prompt, prompt, prompt, None)  # a prompt, causal
+
+
+def test_loaded_cpu_models_use_it(tiny_folder):
+    model = gpt2kit.load(tiny_folder, device="cpu")
+    assert all(isinstance(b.attn.core, OneQueryAttention) for b in model.module.transformer.h)
