@@ -8,7 +8,8 @@ attention over the cache, the other kernels, torch.compile's machinery, and the 
 Random weights saved as a Hugging Face folder and loaded with gpt2kit.load, a 16-token prompt,
 then --steps greedy decode steps (RunningBatch.decode + argmax, slots 16 onwards of a
 --max-len cache) under torch.profiler. Each operator's own time (not its children's) goes to one
-part by its name and input shapes; what no operator accounts for is Python and dispatch. Inside
+part by its name and input shapes; what no operator accounts for is Python and dispatch, and
+gpt2kit's native kernels (ctypes calls: the decode products and attention where they run). Inside
 a compiled step Inductor fuses everything into one C++ function, so the LM head and attention
 are not told apart there. The last line times the whole generation loop per token against the
 bare steps: sampling, text decoding and stop rules, plus the prefill spread over the tokens.
@@ -100,7 +101,8 @@ def main():
     for event in prof.key_averages(group_by_input_shape=True):
         part = part_of(event.key, event.input_shapes or [], model.config.vocab_size)
         parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e3 / args.steps
-    parts["Python and dispatch between operators"] = wall - sum(parts.values())
+    # gpt2kit's native kernels (kernels/native) are ctypes calls, not operators: they land here.
+    parts["Python, dispatch and gpt2kit's native kernels"] = wall - sum(parts.values())
     what = f"{args.size}, {args.quantize or 'float32'}, {'compiled' if args.compile else 'eager'}"
     print(f"\none decode step, batch 1, {what}, slots {PROMPT}-{PROMPT + args.steps} of {args.max_len}, "
           f"{args.threads} threads (profiled: {wall:.2f} ms per step)")
