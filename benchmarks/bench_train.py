@@ -86,13 +86,15 @@ def worker(args) -> dict:
     from gpt2kit.runtime import autocast
     from gpt2kit.training.config import TrainConfig
     from gpt2kit.training.memory import process_peak_rss
-    from gpt2kit.training.setup import make_optimizer
+    from gpt2kit.training.setup import make_optimizer, prepare_process
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    half = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    if args.worker.startswith("gpt2kit"):
+        prepare_process(device, half)  # as finetune's setup does
     model, compute_loss = build(args.worker, args.folder, device)
     optimizer = make_optimizer(model, TrainConfig(out="-"), device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    half = None if args.dtype == "float32" else getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
 
