@@ -40,8 +40,10 @@ class HeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):  # the dtypes below are chosen, not cast
             if dtype in (None, torch.float32):
                 total, grad_h, grad_w = _float32_chunks(h, w, targets, need_h, need_w)
-            else:
+                ctx.w_scale = 1.0
+            else:  # grad_w without the mean's 1 / N: applied with the backward's scale below
                 total, grad_h, grad_w = _low_precision_chunks(h, w, targets, dtype, need_h, need_w)
+                ctx.w_scale = 1.0 / h.shape[0]
         ctx.save_for_backward(grad_h, grad_w)
         return total / h.shape[0]
 
@@ -51,7 +53,8 @@ class HeadCrossEntropy(torch.autograd.Function):
         # Scaled in place, not copied (the head's is 154 MB for GPT-2): training never retains
         # the graph, so this backward runs once.
         grad_h, grad_w = ctx.saved_tensors
-        return tuple(None if g is None else g.mul_(grad) for g in (grad_h, grad_w)) + (None, None)
+        grad_h = None if grad_h is None else grad_h.mul_(grad)
+        return grad_h, None if grad_w is None else grad_w.mul_(grad * ctx.w_scale), None, None
 
 
 def _float32_chunks(h, w, targets, need_h: bool, need_w: bool):
@@ -98,7 +101,7 @@ def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_
             part = g.t() @ hc[rows]  # (V, C)
             grad_w = part.float() if grad_w is None else grad_w.add_(part)
         del z, g
-    return total, grad_h, None if grad_w is None else grad_w.mul_(1.0 / n)
+    return total, grad_h, grad_w
 
 
 def softmax_(z: torch.Tensor, rows: int = 8) -> torch.Tensor:
