@@ -8,7 +8,8 @@ One training step = forward, float32 cross-entropy, backward, gradient clipping,
 same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
 transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
 training.objective.NextTokenLoss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
-up by default (lean_backward.save_less_for_backward); transformers runs
+up by default (lean_backward.save_less_for_backward; under bfloat16 on CPU also the process's
+heap, training.setup.prepare_process); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured

@@ -56,6 +56,13 @@ def test_masks_keep_bits_exactly_and_zero_the_rest(dtype):
     assert apply_mask(x, keep, inplace=True) is x and torch.equal(x, want)
 
 
+def test_a_probability_rounded_to_one_drops_everything():
+    x = torch.randn(5, 8, dtype=BF16, requires_grad=True)
+    out = bf16_training.BitsDropout.apply(x, 1 - 2**-17)
+    out.float().sum().backward()
+    assert not out.any() and not x.grad.any()
+
+
 def test_attention_without_dropout_is_causal_sdpa():
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
@@ -72,9 +79,9 @@ def test_attention_without_dropout_is_causal_sdpa():
 
 def test_softmax_in_place_and_its_logsumexp_in_float32():
     torch.manual_seed(4)
-    z = (torch.randn(21, 333) * 4).to(BF16)  # row blocks of 8: the last one short
+    z = (torch.randn(21, 333) * 4).to(BF16)
     wide = z.float()
-    lse = softmax_(z)
+    lse = softmax_(z, rows=8)  # row blocks of 8: the last one short
     assert lse.dtype == torch.float32 and lse.shape == (21, 1)
     assert torch.allclose(lse, torch.logsumexp(wide, 1, keepdim=True), rtol=0, atol=1e-5)
     assert torch.equal(z, torch.softmax(wide, 1).to(BF16))  # rounded once, from float32

@@ -53,6 +53,11 @@ def apply_mask(x: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> to
     return torch.bitwise_and(x.view(bits), mask).view(x.dtype)
 
 
+def kept_scale(p: float) -> float:
+    """Dropout's 1 / (1 - p) for what is kept; 0 where p rounded to 1 keeps nothing."""
+    return 1 / (1 - p) if p < 1 else 0.0
+
+
 def gelu(h: torch.Tensor) -> torch.Tensor:
     """GELU in bfloat16 training: the erf form, which GPT-2's tanh form approximates to 4.7e-4."""
     return F.gelu(h)
@@ -64,7 +69,7 @@ class BitsDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         keep, p = keep_bits(x.shape, p, x.device)
-        ctx.scale = 1 / (1 - p)
+        ctx.scale = kept_scale(p)
         ctx.save_for_backward(keep)
         return apply_mask(x, keep).mul_(ctx.scale)
 
@@ -90,7 +95,7 @@ class CausalDropoutAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
             probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)  # (B*nh, T, T)
             keep, p = keep_bits(probs.shape, p, q.device)
-            ctx.dropout_scale = 1 / (1 - p)
+            ctx.dropout_scale = kept_scale(p)
             out = torch.bmm(apply_mask(probs, keep), v3).mul_(ctx.dropout_scale)
         ctx.save_for_backward(q3, k3, v3, probs, keep)
         return out.view(B, nh, T, hs)
