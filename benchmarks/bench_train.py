@@ -8,7 +8,8 @@ One training step = forward, float32 cross-entropy, backward, gradient clipping,
 same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
 transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
 training.objective.NextTokenLoss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
-up by default (lean_backward.save_less_for_backward); transformers runs
+up by default (lean_backward.save_less_for_backward; under bfloat16 on CPU also the process's
+heap, training.setup.prepare_process); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
@@ -86,13 +87,15 @@ def worker(args) -> dict:
     from gpt2kit.runtime import autocast
     from gpt2kit.training.config import TrainConfig
     from gpt2kit.training.memory import process_peak_rss
-    from gpt2kit.training.setup import make_optimizer
+    from gpt2kit.training.setup import make_optimizer, prepare_process
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    half = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    if args.worker.startswith("gpt2kit"):
+        prepare_process(device, half)  # as finetune's setup does
     model, compute_loss = build(args.worker, args.folder, device)
     optimizer = make_optimizer(model, TrainConfig(out="-"), device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    half = None if args.dtype == "float32" else getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
 

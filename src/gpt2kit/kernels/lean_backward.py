@@ -5,20 +5,19 @@ kernels/checkpointing.py swaps the blocks. `print(model)` shows them. Applied to
 `finetune` trains (training/setup.py, load_for_training).
 
 In float32 they compute the same bits as the plain modules (issue 5's peak-memory target). Under
-bfloat16 autocast they draw dropout masks from 16 random bits per element (`keep_mask`) instead of
-bernoulli_'s float draws, and attention with dropout runs the bfloat16 products without SDPA's
-math path: bernoulli_ alone took ~20% of a bfloat16 training step of GPT-2 124M on AMX.
+autocast on CPU (bfloat16 training) they run kernels/bf16_training.py instead: dropout masks from
+random bits applied to the tensors' bits, attention with dropout in bfloat16 without SDPA's math
+path, the erf GELU (bernoulli_ alone took ~20% of a bfloat16 step of GPT-2 124M on AMX).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT, ScaledDotProduct
+from . import bf16_training
 
 
 def save_less_for_backward(model: GPT) -> None:
@@ -68,69 +67,54 @@ def lean_path(x: torch.Tensor) -> bool:
         not torch.is_autocast_enabled("cpu")
 
 
-def fast_mask_path(x: torch.Tensor) -> bool:
-    """Training under autocast on CPU: no bitwise reference to keep, and bernoulli_ is slow there."""
+def fast_path(x: torch.Tensor) -> bool:
+    """Training under autocast on CPU (bfloat16): no bitwise reference to keep, and bernoulli_,
+    bool masks and the tanh GELU are slow there (kernels/bf16_training.py)."""
     return torch.is_grad_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(bool mask, True with probability 1 - p', the dropout probability p' it draws): p rounded to
-    a multiple of 1/65536, each element one 16-bit lane of 64-bit words from the global generator
-    (seeded and checkpointed like any other draw). ~5x faster than bernoulli_ on CPU."""
-    n, threshold = math.prod(shape), round(p * 65536)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits
-    lanes = words.view(torch.int16)[:n].view(shape)  # uniform over -32768..32767
-    return lanes >= threshold - 32768, threshold / 65536
 
 
 # ---- attention ------------------------------------------------------------------------------
 
 class LeanScaledDotProduct(ScaledDotProduct):
     """ScaledDotProduct that, training with dropout over a whole sequence (no cache, causal),
-    runs DropoutAttention: the same bits as SDPA's math path, saving less."""
+    runs DropoutAttention (float32: the same bits as SDPA's math path, saving less) or under
+    autocast bf16_training.CausalDropoutAttention."""
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:  # (B, nh, T, hs)
         p = self.p if self.training else 0.0
-        if p == 0.0 or mask is not None or not (lean_path(q) or fast_mask_path(q)):
+        if p == 0.0 or mask is not None:
             return super().forward(q, k, v, mask)
-        return DropoutAttention.apply(q, k, v, p, not lean_path(q))
+        if lean_path(q):
+            return DropoutAttention.apply(q, k, v, p)
+        if fast_path(q):
+            return bf16_training.CausalDropoutAttention.apply(q, k, v, p)
+        return super().forward(q, k, v, mask)
 
 
 class DropoutAttention(torch.autograd.Function):
     """Causal softmax(q k^T / sqrt(hs)) v with dropout on the probabilities, as the math path of
     scaled_dot_product_attention computes it (the same operations and random draws, so the same
     bits), saving the probabilities and a bool mask instead of three float (B, nh, T, T) tensors.
-    The backward runs the batched products autograd would run for the math path. `fast`: the
-    mask from `keep_mask` and everything in q's dtype (bfloat16 under autocast), not the same bits."""
+    The backward runs the batched products autograd would run for the math path."""
 
     @staticmethod
-    def forward(ctx, q, k, v, p: float, fast: bool = False):
+    def forward(ctx, q, k, v, p: float):
         # The math path scales q and k by sqrt(1 / sqrt(hs)) each (as float32: this Python
         # float rounds to the same float32 as the path's own double for every head size).
         s = (1.0 / q.shape[-1] ** 0.5) ** 0.5
         T = q.shape[-2]
         causal = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
             torch.ones(T, T, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
-        with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
-            probs = torch.matmul(q * s, k.transpose(-2, -1) * s).add_(causal).softmax(-1)  # (B, nh, T, T)
-            if fast:
-                keep, p = keep_mask(probs.shape, p, probs.device)
-                noise = keep.to(probs.dtype).div_(1 - p)
-            else:
-                noise = torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)  # as torch.dropout on CPU
-                keep = noise.bool()
-            ctx.p, ctx.s = p, s
-            ctx.save_for_backward(q, k, v, probs, keep)
-            return torch.matmul(probs * noise, v)
+        probs = torch.matmul(q * s, k.transpose(-2, -1) * s).add_(causal).softmax(-1)  # (B, nh, T, T)
+        noise = torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)  # as torch.dropout on CPU
+        keep = noise.bool()
+        ctx.p, ctx.s = p, s
+        ctx.save_for_backward(q, k, v, probs, keep)
+        return torch.matmul(probs * noise, v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        with torch.autocast(grad.device.type, enabled=False):  # the saved tensors' dtypes
-            return DropoutAttention.gradients(ctx, grad)
-
-    @staticmethod
-    def gradients(ctx, grad):
         q, k, v, probs, keep = ctx.saved_tensors
         B, nh, T, hs = q.shape
         noise = keep.to(probs.dtype).div_(1 - ctx.p)  # the forward's noise, bit for bit
@@ -145,14 +129,14 @@ class DropoutAttention(torch.autograd.Function):
         qs, kts = (q * ctx.s).reshape(B * nh, T, hs), (k.transpose(-2, -1) * ctx.s).reshape(B * nh, hs, T)
         grad_q = grad_a.bmm(kts.transpose(1, 2)).view(B, nh, T, hs) * ctx.s
         grad_k = (qs.transpose(1, 2).bmm(grad_a).view(B, nh, hs, T) * ctx.s).transpose(-2, -1)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None
 
 
 # ---- dropout --------------------------------------------------------------------------------
 
 class LeanDropout(nn.Dropout):
-    """nn.Dropout that, training on CPU, keeps its noise as a bool mask (MaskDropout): the same
-    draws as nn.Dropout in float32, `keep_mask`'s under autocast."""
+    """nn.Dropout that, training on CPU, keeps its noise as a bool mask (MaskDropout: the same
+    draws as nn.Dropout) in float32, or under autocast runs bf16_training.BitsDropout."""
 
     def __init__(self, plain: nn.Dropout):
         super().__init__(plain.p, plain.inplace)
@@ -162,33 +146,27 @@ class LeanDropout(nn.Dropout):
         if self.training and 0.0 < self.p < 1.0 and not self.inplace:
             if lean_path(x):
                 return MaskDropout.apply(x, self.p)
-            if fast_mask_path(x):
-                return MaskDropout.apply(x, self.p, True)
+            if fast_path(x):
+                return bf16_training.BitsDropout.apply(x, self.p)
         return super().forward(x)
 
 
 class MaskDropout(torch.autograd.Function):
     """F.dropout as it runs on CPU (float noise from bernoulli_, scaled, multiplied: the same
-    draws and bits), saving the noise as a bool mask: 1 instead of 4 bytes per element.
-    `fast`: the mask from `keep_mask` instead."""
+    draws and bits), saving the noise as a bool mask: 1 instead of 4 bytes per element."""
 
     @staticmethod
-    def forward(ctx, x, p: float, fast: bool = False):
-        if fast:
-            keep, p = keep_mask(x.shape, p, x.device)
-            out = x.masked_fill(keep.logical_not(), 0).mul_(1 / (1 - p))
-        else:
-            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-            keep, out = noise.bool(), x * noise
+    def forward(ctx, x, p: float):
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
         ctx.p = p
-        ctx.save_for_backward(keep)
-        return out
+        ctx.save_for_backward(noise.bool())
+        return x * noise
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         keep, = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None, None
+        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
 
 
 # ---- MLP ------------------------------------------------------------------------------------
@@ -196,7 +174,7 @@ class MaskDropout(torch.autograd.Function):
 class LeanGeluLinear(nn.Module):
     """linear(gelu_tanh(h)), MLP.c_proj with MLP.act moved into it (act becomes nn.Identity),
     holding c_proj's own weight (C, 4C) and bias: training in float32 on CPU it runs GeluLinear,
-    keeping h but not gelu(h)."""
+    keeping h but not gelu(h); under autocast on CPU, bf16_training's GELU."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -207,7 +185,7 @@ class LeanGeluLinear(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, 4C) -> (B, T, C)
         if lean_path(h):
             return GeluLinear.apply(h, self.weight, self.bias)
-        return F.linear(gelu(h), self.weight, self.bias)
+        return F.linear(bf16_training.gelu(h) if fast_path(h) else gelu(h), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

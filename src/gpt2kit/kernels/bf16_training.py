@@ -1,0 +1,120 @@
+"""CPU training under bfloat16 autocast: dropout, attention with dropout and GELU made cheap, for
+the modules of lean_backward.py to run in that case (issue 15: a bfloat16 step of GPT-2 124M
+spent more time around its AMX products than in them).
+
+What made them slow, measured on 2 cores of this project's Xeon (one thread, a (48, 256, 256)
+bfloat16 tensor): a bool mask converted to bfloat16 (6.8 ms) or applied with masked_fill, where
+or a multiply (8.5-9.7 ms); GPT-2's tanh GELU (10 ms forward, 10.7 backward for (4, 256, 3072)).
+Instead:
+- dropout masks are int16 words, -1 where kept and 0 where dropped, applied with a bitwise AND on
+  the tensor's own bits (0.65 ms), made from 15-bit lanes of 64-bit random words in three int16
+  passes (`keep_bits`);
+- GELU is the exact erf GELU: 2.1 ms forward, 4.4 backward. GPT-2's tanh form approximates it
+  to within 4.7e-4 (largest near x = +-2.7, where a bfloat16 step is 2^-7): below a bfloat16
+  step wherever |GELU| >= 1/16, so in bfloat16 the two mostly round alike (a test bounds it);
+- attention scales and masks its scores inside the batched product (baddbmm), keeps the
+  probabilities and the int16 mask, and applies dropout's 1/(1-p) to the (T, hs) output and
+  gradient instead of the (T, T) probabilities.
+None of it is bit for bit the plain modules' (float32 training keeps that, in lean_backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LANE_BITS = 15  # random bits per mask element: p is rounded to a multiple of 1/32768
+
+
+def keep_bits(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(int16 mask of `shape`, -1 (all bits set) with probability 1 - p' and 0 otherwise, the
+    dropout probability p' it draws): p rounded to a multiple of 1/32768. Each element is one
+    16-bit lane of 64-bit words from the global generator (seeded and checkpointed like any other
+    draw), shifted to 15 uniform bits r; kept where r >= the threshold, i.e. where
+    (threshold - 1 - r) is negative, whose arithmetic shift by 15 is -1. No step overflows int16."""
+    n = math.prod(shape)
+    dropped = round(p * 2**LANE_BITS)
+    threshold = dropped - 2**(LANE_BITS - 1)  # r is uniform over -16384..16383
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    r = words.view(torch.int16)[:n].view(shape).bitwise_right_shift(1)
+    return torch.sub(threshold - 1, r).bitwise_right_shift_(LANE_BITS), dropped / 2**LANE_BITS
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """x where `keep` (from keep_bits) is -1, exactly 0 where it is 0: an AND of x's bits (a
+    16-bit x directly, a 32-bit x with the mask sign-extended to 32 bits); in x itself if `inplace`."""
+    bits = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    mask = keep if bits == torch.int16 else keep.to(bits)
+    if inplace:
+        x.view(bits).bitwise_and_(mask)
+        return x
+    return torch.bitwise_and(x.view(bits), mask).view(x.dtype)
+
+
+def kept_scale(p: float) -> float:
+    """Dropout's 1 / (1 - p) for what is kept; 0 where p rounded to 1 keeps nothing."""
+    return 1 / (1 - p) if p < 1 else 0.0
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """GELU in bfloat16 training: the erf form, which GPT-2's tanh form approximates to 4.7e-4."""
+    return F.gelu(h)
+
+
+class BitsDropout(torch.autograd.Function):
+    """Dropout with a keep_bits mask, kept for the backward pass as int16."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep, p = keep_bits(x.shape, p, x.device)
+        ctx.scale = kept_scale(p)
+        ctx.save_for_backward(keep)
+        return apply_mask(x, keep).mul_(ctx.scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        keep, = ctx.saved_tensors
+        return apply_mask(grad.contiguous(), keep).mul_(ctx.scale), None
+
+
+class CausalDropoutAttention(torch.autograd.Function):
+    """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the probabilities, for q, k, v
+    (B, nh, T, hs), computed in their dtype (bfloat16 under autocast): the scores made with
+    their scale and causal mask in one batched product, the probabilities and the int16 mask
+    kept for the backward pass, which runs the products autograd would run."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: float):
+        B, nh, T, hs = q.shape
+        q3, k3, v3 = (t.reshape(B * nh, T, hs) for t in (q, k, v))
+        ctx.scale = hs ** -0.5
+        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
+            probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)  # (B*nh, T, T)
+            keep, p = keep_bits(probs.shape, p, q.device)
+            ctx.dropout_scale = kept_scale(p)
+            out = torch.bmm(apply_mask(probs, keep), v3).mul_(ctx.dropout_scale)
+        ctx.save_for_backward(q3, k3, v3, probs, keep)
+        return out.view(B, nh, T, hs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # the saved tensors' dtypes
+            return CausalDropoutAttention.gradients(ctx, grad)
+
+    @staticmethod
+    def gradients(ctx, grad):
+        q3, k3, v3, probs, keep = ctx.saved_tensors
+        B, nh, T, hs = grad.shape
+        grad = grad.reshape(B * nh, T, hs).to(probs.dtype) * ctx.dropout_scale
+        grad_v = apply_mask(probs, keep).transpose(1, 2).bmm(grad)
+        grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), keep, inplace=True)
+        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        del grad_p
+        grad_q = grad_s.bmm(k3).mul_(ctx.scale)
+        grad_k = grad_s.transpose(1, 2).bmm(q3).mul_(ctx.scale)
+        return tuple(g.view(B, nh, T, hs) for g in (grad_q, grad_k, grad_v)) + (None,)

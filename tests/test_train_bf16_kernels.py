@@ -1,0 +1,145 @@
+"""kernels/bf16_training.py, fused_loss's softmax_ and kernels/heap.py: the pieces of bfloat16
+training on CPU, each against the plain computation, and lean_backward's modules running them
+(and only them) under autocast. tests/test_bf16_training.py has the fused head and finetune."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit.config import ModelConfig
+from gpt2kit.kernels import bf16_training, lean_backward
+from gpt2kit.kernels.bf16_training import CausalDropoutAttention, apply_mask, gelu, keep_bits
+from gpt2kit.kernels.fused_loss import softmax_
+from gpt2kit.kernels.lean_backward import save_less_for_backward
+from gpt2kit.model import GPT
+from gpt2kit.training import setup
+
+BF16 = torch.bfloat16
+CPU = torch.device("cpu")
+
+
+def bf16_step(x: torch.Tensor) -> torch.Tensor:
+    """The distance from x to the next bfloat16 away from zero (x bfloat16, as float64)."""
+    bits = x.view(torch.int16).to(torch.int32) + 1
+    return (bits.to(torch.int16).view(BF16).double() - x.double()).abs()
+
+
+def test_gelu_is_gpt2s_tanh_gelu_to_bfloat16s_precision():
+    x = torch.arange(-2**14, 2**14, dtype=torch.int32).to(torch.int16).view(BF16)  # every bfloat16 ...
+    x = x[x.isfinite() & (x.abs() < 12)]  # ... where GELU is not yet x or 0
+    exact = F.gelu(x.double(), approximate="tanh")
+    got = gelu(x)
+    assert got.dtype == BF16
+    # Within a rounding (half a step) and the two forms' largest difference (4.7e-4, below a
+    # bfloat16 step wherever |GELU| >= 1/16): in the far negative tail they differ relatively.
+    assert ((got.double() - exact).abs() <= bf16_step(got) / 2 + 4.8e-4).all()
+    xd = x.double().requires_grad_()
+    F.gelu(xd, approximate="tanh").sum().backward()
+    x16 = x.clone().requires_grad_()
+    gelu(x16).float().sum().backward()
+    assert (x16.grad.double() - xd.grad).abs().max() < 2**-7  # the slope, to bfloat16's precision
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_masks_keep_bits_exactly_and_zero_the_rest(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 7, dtype=dtype)
+    keep, _ = keep_bits(x.shape, 0.3, CPU)
+    want = torch.where(keep == -1, x, torch.zeros((), dtype=dtype))
+    assert torch.equal(apply_mask(x, keep), want) and not torch.equal(want, x)
+    assert apply_mask(x, keep, inplace=True) is x and torch.equal(x, want)
+
+
+def test_a_probability_rounded_to_one_drops_everything():
+    x = torch.randn(5, 8, dtype=BF16, requires_grad=True)
+    out = bf16_training.BitsDropout.apply(x, 1 - 2**-17)
+    out.float().sum().backward()
+    assert not out.any() and not x.grad.any()
+
+
+def test_attention_without_dropout_is_causal_sdpa():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    q16, k16, v16 = (t.to(BF16).requires_grad_() for t in (q, k, v))
+    out = CausalDropoutAttention.apply(q16, k16, v16, 0.0)
+    out.float().square().sum().backward()
+    q32, k32, v32 = (t.clone().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q32, k32, v32, is_causal=True)
+    want.square().sum().backward()
+    for got, ref in ((out, want), (q16.grad, q32.grad), (k16.grad, k32.grad), (v16.grad, v32.grad)):
+        assert got.dtype == BF16
+        assert (got.float() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_softmax_in_place_and_its_logsumexp_in_float32():
+    torch.manual_seed(4)
+    z = (torch.randn(21, 333) * 4).to(BF16)
+    wide = z.float()
+    lse = softmax_(z, rows=8)  # row blocks of 8: the last one short
+    assert lse.dtype == torch.float32 and lse.shape == (21, 1)
+    assert torch.allclose(lse, torch.logsumexp(wide, 1, keepdim=True), rtol=0, atol=1e-5)
+    assert torch.equal(z, torch.softmax(wide, 1).to(BF16))  # rounded once, from float32
+
+
+def spy(monkeypatch, owner, name: str, calls: list, label: str) -> None:
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(label) or real(*a, **k))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, autocast):
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=97, dropout=0.1))
+    save_less_for_backward(model)
+    calls = []
+    spy(monkeypatch, bf16_training.CausalDropoutAttention, "apply", calls, "bf16 attention")
+    spy(monkeypatch, bf16_training.BitsDropout, "apply", calls, "bf16 dropout")
+    spy(monkeypatch, bf16_training, "gelu", calls, "bf16 gelu")
+    spy(monkeypatch, lean_backward.DropoutAttention, "apply", calls, "attention")
+    spy(monkeypatch, lean_backward.MaskDropout, "apply", calls, "dropout")
+    x = torch.randint(0, 97, (2, 17))
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        model(x).float().sum().backward()
+    kind = "bf16 " if autocast else ""
+    # three dropouts: the embeddings', attention's and the MLP's residual branches
+    assert sorted(calls) == sorted([f"{kind}attention"] + [f"{kind}dropout"] * 3 + ["bf16 gelu"] * autocast)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bfloat16_training_on_cpu_holds_freed_memory_and_float32_does_not(monkeypatch):
+    held = []
+    monkeypatch.setattr(setup, "hold_freed_memory", lambda: held.append(True))
+    setup.prepare_process(CPU, None)
+    assert held == []
+    setup.prepare_process(CPU, BF16)
+    assert held == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_held_memory_is_reused_without_page_faults():
+    """In a fresh process (it changes the process's malloc): a 64 MB tensor made and freed five
+    times faults its pages in each time, and no more once freed memory is held."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from gpt2kit.kernels.heap import hold_freed_memory
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                torch.ones(2**24)  # 64 MB, written
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        plain = faults()
+        held = hold_freed_memory()
+        faults()  # the heap grows once
+        print(held, plain, faults())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    held, plain, kept = done.stdout.split()
+    if held != "True":
+        pytest.skip("malloc here is not glibc's")
+    assert int(plain) > 5 * 2**24 * 4 // 4096 * 0.9  # every page of every copy
+    assert int(kept) < 0.05 * int(plain)
