@@ -9,7 +9,7 @@ same optimizer and parameter groups for both engines, train_setup.make_optimizer
 transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
 training.objective.NextTokenLoss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
 up by default (lean_backward.save_less_for_backward; under bfloat16 on CPU also the process's
-heap, training.setup.prepare_process); transformers runs
+heap, training.setup.heap_for_training); transformers runs
 GPT2LMHeadModel's forward, then cross_entropy over the float32 logits. Each measurement is a fresh subprocess (so its peak resident memory,
 VmHWM, belongs to one engine), the engines interleaved, --repeats each; the table shows the median
 tokens/s with its min-max spread and the ratio of medians. LoRA (rank 8 on c_attn) is measured
@@ -84,15 +84,17 @@ def build(engine: str, folder: str, device):
 def worker(args) -> dict:
     import torch
 
+    from gpt2kit.kernels.heap import freed_memory_held
     from gpt2kit.runtime import autocast
     from gpt2kit.training.config import TrainConfig
     from gpt2kit.training.memory import process_peak_rss
-    from gpt2kit.training.setup import make_optimizer, prepare_process
+    from gpt2kit.training.setup import make_optimizer
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     half = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    if args.worker.startswith("gpt2kit"):
-        prepare_process(device, half)  # as finetune's setup does
+    # as finetune does around its loop; kept referenced until the worker returns
+    heap = freed_memory_held(args.worker.startswith("gpt2kit") and device.type == "cpu" and half is not None)
+    heap.__enter__()
     model, compute_loss = build(args.worker, args.folder, device)
     optimizer = make_optimizer(model, TrainConfig(out="-"), device)
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,33 +114,35 @@ def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, 
 
 def test_bfloat16_training_on_cpu_holds_freed_memory_and_float32_does_not(monkeypatch):
     held = []
-    monkeypatch.setattr(setup, "hold_freed_memory", lambda: held.append(True))
-    setup.prepare_process(CPU, None)
-    assert held == []
-    setup.prepare_process(CPU, BF16)
-    assert held == [True]
+    monkeypatch.setattr(setup, "freed_memory_held", held.append)
+    setup.heap_for_training(SimpleNamespace(device=CPU, autocast_dtype=None))
+    setup.heap_for_training(SimpleNamespace(device=CPU, autocast_dtype=BF16))
+    setup.heap_for_training(SimpleNamespace(device=torch.device("cuda"), autocast_dtype=BF16))
+    assert held == [False, True, False]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_held_memory_is_reused_without_page_faults():
     """In a fresh process (it changes the process's malloc): a 64 MB tensor made and freed five
-    times faults its pages in each time, and no more once freed memory is held."""
+    times faults its pages in each time, no more while freed memory is held, and again after."""
     script = textwrap.dedent("""
         import resource, torch
-        from gpt2kit.kernels.heap import hold_freed_memory
+        from gpt2kit.kernels.heap import freed_memory_held
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(5):
                 torch.ones(2**24)  # 64 MB, written
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         plain = faults()
-        held = hold_freed_memory()
-        faults()  # the heap grows once
-        print(held, plain, faults())
+        with freed_memory_held() as held:
+            faults()  # the heap grows once
+            kept = faults()
+        print(held, plain, kept, faults())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    held, plain, kept = done.stdout.split()
+    held, plain, kept, after = done.stdout.split()
     if held != "True":
         pytest.skip("malloc here is not glibc's")
     assert int(plain) > 5 * 2**24 * 4 // 4096 * 0.9  # every page of every copy
     assert int(kept) < 0.05 * int(plain)
+    assert int(after) > 0.9 * int(plain)  # glibc's defaults are back

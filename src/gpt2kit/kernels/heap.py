@@ -10,21 +10,41 @@ CPU time with this, interleaved fresh processes; peak RSS 3,165 -> 3,242 MB).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 KEEP_UP_TO = 2**31 - 1  # bytes free at the heap's top before malloc gives them back (an int)
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults (mallopt(3))
 
 
-def hold_freed_memory() -> bool:
-    """For the rest of the process, glibc's malloc serves every size from its heap (no mmap)
-    and keeps freed memory (no trim below 2 GB): peak memory stays resident, paid once. True if
-    set; False where malloc is not glibc's (macOS, musl), which is then left alone."""
+@contextlib.contextmanager
+def freed_memory_held(active: bool = True) -> Iterator[bool]:
+    """While inside, glibc's malloc serves every size from its heap (no mmap) and keeps freed
+    memory (no trim below 2 GB): peak memory stays resident, paid once. On leaving, glibc's
+    defaults come back and the free memory goes back to the OS (a Python caller of `finetune`
+    keeps its process). Yields whether it was set: not where malloc is not glibc's (macOS,
+    musl), or when `active` is False."""
+    libc = _glibc() if active else None
+    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO)):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "mallinfo2") and not hasattr(libc, "mallinfo"):  # glibc's; musl has neither
-        return False
+        return None
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO))
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc

@@ -44,7 +44,7 @@ from .plan import Plan, ResumeMismatch, plan_steps, settle
 from .runs import METRICS, capture_rng, nonfinite, tensor_bytes
 from .samples import write_samples
 from .schedule import MIN_LR_RATIO, get_lr
-from .setup import Parts, State, build, load_for_training, prepare, summary_lines
+from .setup import Parts, State, build, heap_for_training, load_for_training, prepare, summary_lines
 
 __all__ = ["finetune", "get_lr", "RunResult", "TrainConfig", "TrainingInterrupted", "TrainingDiverged",
            "ResumeMismatch"]
@@ -106,7 +106,7 @@ def finetune(data: str | DataConfig | None = None, model: str | None = None,
         blocks = prepare(plan, tokenizer, gpt.config.n_positions, world, emit, progress)  # 3. data
         plan = plan_steps(plan, len(blocks.train))                                      # 4. steps
         parts = build(plan, world, device, gpt, tokenizer, blocks, emit, progress)      #    and parts
-        with StopSignals() as stop:
+        with StopSignals() as stop, heap_for_training(parts):
             return train(plan, parts, State.start(plan), stop)                          # 5. loop
     finally:
         if parts is not None:

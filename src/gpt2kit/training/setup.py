@@ -6,6 +6,7 @@ State it starts from. The Plan (plan.py) says what to build; the Parts are not c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from ..errors import OptionError
 from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.compile_log import FIRST_RUN
 from ..kernels.fused_loss import chunk_rows
-from ..kernels.heap import hold_freed_memory
+from ..kernels.heap import freed_memory_held
 from ..kernels.lean_backward import save_less_for_backward
 from ..lora import ParameterCount, apply_lora, count_parameters, load_adapter
 from ..model import GPT
@@ -123,7 +124,6 @@ def build(plan: Plan, world: World, device: torch.device, model: GPT, tokenizer:
         check_resumable(plan, identity, run, world, emit)
     autocast_dtype, scaling = precision(plan.cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if scaling else None
-    prepare_process(device, autocast_dtype)
     summary = check_memory(plan, world, device, model, data, autocast_dtype)
     net, optimizer = wrap_objective(plan, model, world, device, emit)
     if plan.resume is not None:
@@ -139,11 +139,10 @@ def build(plan: Plan, world: World, device: torch.device, model: GPT, tokenizer:
                  identity=identity, summary=summary, copies=copies, bar=bar)
 
 
-def prepare_process(device: torch.device, autocast_dtype: torch.dtype | None) -> None:
-    """Under autocast on CPU (bfloat16), keep freed memory in the C heap for the next step
-    (kernels/heap.py: page faults were ~20% of a step); float32 keeps its lower peak memory."""
-    if device.type == "cpu" and autocast_dtype is not None:
-        hold_freed_memory()
+def heap_for_training(parts: Parts) -> contextlib.AbstractContextManager[bool]:
+    """Around the loop, under autocast on CPU (bfloat16): freed memory kept in the C heap for the
+    next step (kernels/heap.py: page faults were ~20% of a step); float32 keeps its lower peak."""
+    return freed_memory_held(parts.device.type == "cpu" and parts.autocast_dtype is not None)
 
 
 def check_resumable(plan: Plan, identity: dict, run: Run, world: World, emit: Callable[[dict], None]) -> None:
