@@ -131,6 +131,10 @@ def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -
     # row, which the op cannot take), then each row gets its own scale here. The same bits.
     if native_rows(x):
         return _native_product(x.contiguous(), packed, bias)
+    return _onednn_int8(x, packed, bias)
+
+
+def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
     q, scale = _quantized(x)
     return _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
 
@@ -150,8 +154,8 @@ def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
     (m, k), n = x.shape, packed.plain.shape[0]
     out = torch.empty(m, n)
-    if bias is not None:
-        bias = bias.float().contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
     failed = library("int8_rows").gpt2kit_int8_linear(
         x.data_ptr(), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
