@@ -87,7 +87,7 @@ needs_native = pytest.mark.skipif(native.library("int8_rows") is None, reason="n
 @pytest.mark.parametrize("rows", range(1, NATIVE_MAX_ROWS + 1))
 def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
     """The native row kernel (kernels/native/int8_rows.c) against oneDNN's GEMM on the same
-    quantized rows: equal bits, with and without a bias, for sizes that are not whole blocks
+    quantized rows: equal bits, with and without a bias and the GELU, for sizes that are not whole blocks
     (rows of 16 or 8, columns of 64)."""
     g = torch.Generator().manual_seed(rows * n + k)
     q, scale = quantize_rows(torch.randn(n, k, generator=g))
@@ -97,7 +97,11 @@ def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
     for bias in (None, torch.randn(n, generator=g)):
         assert native_rows(x)
         expected = onednn * s if bias is None else torch.addcmul(bias, onednn, s)
-        assert torch.equal(int8._int8_int8(x, packed, bias), expected)
+        assert torch.equal(int8._int8_int8(x, packed, bias, False), expected)
+        # with c_fc's GELU: the oneDNN path applies the native kernel's own GELU, so still equal
+        with_gelu = int8._int8_int8(x, packed, bias, True)
+        assert torch.equal(with_gelu, int8._onednn_int8(x, packed, bias, True))
+        torch.testing.assert_close(with_gelu, F.gelu(expected, approximate="tanh"), rtol=1e-5, atol=2e-6)
 
 
 def test_native_kernels_are_built_once_and_cached(tmp_path, monkeypatch):

@@ -23,11 +23,13 @@ def operands(rows: int, n: int, k: int):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, NATIVE_MAX_ROWS])  # 1-3 rows per pass, then again
 def test_rows_match_a_float64_product(rows, n, k):
     w, b, x = operands(rows, n, k)
-    for bias in (None, b):
+    for bias, gelu in ((None, False), (b, False), (b, True)):
         out = torch.empty(rows, n)
         f32_rows()(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                   rows, n, k, torch.get_num_threads())
+                   rows, n, k, gelu, torch.get_num_threads())
         expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        if gelu:
+            expected = F.gelu(expected, approximate="tanh")
         assert (out.double() - expected).abs().max() <= 1e-6 * (1 + expected.abs().max())  # float32 sums
 
 

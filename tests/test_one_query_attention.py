@@ -4,6 +4,8 @@ everything else."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,11 @@ import torch.nn.functional as F
 import gpt2kit
 from gpt2kit.kernels import one_query_attention
 from gpt2kit.kernels.native import library
-from gpt2kit.kernels.one_query_attention import OneQueryAttention, native_fits
+from gpt2kit.config import ModelConfig
+from gpt2kit.inference.kv_cache import KVCache
+from gpt2kit.kernels.one_query_attention import (CachedDecodeAttention, OneQueryAttention, native_fits,
+                                                use_one_query_attention)
+from gpt2kit.model import GPT, Positions
 
 needs_native = pytest.mark.skipif(library("attention") is None, reason="no native attention kernel here (no AVX512 or no C compiler)")
 
@@ -62,4 +68,34 @@ def test_everything_else_takes_the_plain_core(monkeypatch):
 
 def test_loaded_cpu_models_use_it(tiny_folder):
     model = gpt2kit.load(tiny_folder, device="cpu")
-    assert all(isinstance(b.attn.core, OneQueryAttention) for b in model.module.transformer.h)
+    assert all(isinstance(b.attn, CachedDecodeAttention) and isinstance(b.attn.core, OneQueryAttention)
+               for b in model.module.transformer.h)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.module.modules())  # identities at inference
+
+
+@needs_native
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_decode_attention_matches_the_plain_block(padded, monkeypatch):
+    """A decode step through CachedDecodeAttention (cache write + attention in one native call)
+    gives the plain model's logits and leaves the same cache, rows padded or not."""
+    torch.manual_seed(0)
+    plain = GPT(ModelConfig(vocab_size=64, n_positions=32, n_embd=48, n_layer=2, n_head=3)).eval()
+    fused = copy.deepcopy(plain)
+    use_one_query_attention(fused)
+    assert all(type(b.attn) is CachedDecodeAttention for b in fused.transformer.h)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    calls = []
+    kernels = library("attention")
+    monkeypatch.setattr(one_query_attention, "library", lambda name: calls.append(name) or kernels)
+    pad = torch.tensor([0, 3]) if padded else None
+    idx = torch.randint(0, 64, (2, 9))
+    caches = [KVCache.for_model(m, 2, 16) for m in (plain, fused)]
+    with torch.inference_mode():
+        for m, cache in zip((plain, fused), caches):
+            m(idx[:, :6], cache, Positions.at(0, 6, pad))
+        for t in range(6, 9):
+            want, got = (m(idx[:, t:t + 1], cache, Positions.at(t, 1, pad)) for m, cache in zip((plain, fused), caches))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls  # the native kernel ran
+    for a, b in zip(caches[0].tensors(), caches[1].tensors()):
+        torch.testing.assert_close(a[:, :, :9], b[:, :, :9], rtol=1e-6, atol=1e-6)

@@ -20,6 +20,7 @@ from .inference.generate import Completion, generate_events
 from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.compiled_decode import CompiledDecoder
+from .kernels.int8 import Int8Linear
 from .kernels.one_query_attention import use_one_query_attention
 from .kernels.packed_linear import PackedLinear, prepare_for_inference
 from .lora import count_parameters, read_adapter
@@ -50,6 +51,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     else:
         prepare_for_inference(loaded.model, pack=not compile)  # compiled: see PackedLinear.forward
     use_one_query_attention(loaded.model)
+    without_dropout(loaded.model)
     decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
@@ -58,13 +60,22 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     return model
 
 
+def without_dropout(model: torch.nn.Module) -> None:
+    """Replace the model's dropout layers, identities in an inference-only model, by nn.Identity:
+    ~2 us less a call, 37 calls a decode step of GPT-2 124M."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Dropout):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, torch.nn.Identity())
+
+
 def keep_gelu_apart(model: torch.nn.Module) -> None:
-    """Take the MLP's GELU back out of c_fc's packed kernel (prepare_for_inference fuses it), so
-    that a LoRA adapter of c_fc adds its update to the product before the GELU, not after."""
+    """Take the MLP's GELU back out of c_fc's kernel (prepare_for_inference and quantize_int8 fuse
+    it), so that a LoRA adapter of c_fc adds its update to the product before the GELU, not after."""
     for block in model.transformer.h:
         fc = block.mlp.c_fc
-        if isinstance(fc, PackedLinear) and fc.gelu:
-            fc.gelu, fc.post_op = False, ("none", [], "")
+        if isinstance(fc, (PackedLinear, Int8Linear)) and fc.gelu:
+            fc.gelu = False
             block.mlp.act = torch.nn.GELU(approximate="tanh")
 
 

@@ -51,7 +51,9 @@ def quantize_int8(model: GPT) -> GPT:
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             linear = getattr(parent, name)
             weight, scale = quantize_rows(linear.weight.detach())
-            setattr(parent, name, Int8Linear(weight, scale.to(dtype), linear.bias.detach(), products))
+            gelu = name == "c_fc"  # the MLP's tanh-GELU moves into c_fc's kernel
+            setattr(parent, name, Int8Linear(weight, scale.to(dtype), linear.bias.detach(), products, gelu=gelu))
+        block.mlp.act = torch.nn.Identity()
     weight, scale = quantize_rows(model.transformer.wte.weight.detach())
     embedding = Int8Embedding(weight, scale.to(dtype))
     model.transformer.wte = embedding

@@ -118,6 +118,7 @@ _HANDLES = itertools.count()
 
 
 NATIVE_MAX_ROWS = 3  # above this oneDNN's GEMM (AMX) beats the native row kernel (one-thread A/B)
+NATIVE_ROWS = "int8 x int8: native rows"  # Int8Products.last for them
 
 
 def native_rows(x: torch.Tensor) -> bool:
@@ -125,18 +126,23 @@ def native_rows(x: torch.Tensor) -> bool:
     return x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and library("int8_rows") is not None
 
 
-def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
-    # A few float32 rows: one native call quantizes and multiplies. Otherwise oneDNN scales the
-    # exact int32 sums by the weight's scales (the activations' scale is passed as 1: it is per
-    # row, which the op cannot take), then each row gets its own scale here. The same bits.
+def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    # A few float32 rows: one native call quantizes, multiplies and applies the GELU. Otherwise
+    # oneDNN scales the exact int32 sums by the weight's scales (the activations' scale is passed
+    # as 1: it is per row, which the op cannot take), then each row gets its own scale here and
+    # the native GELU. The same bits.
     if native_rows(x):
-        return _native_product(x.contiguous(), packed, bias)
-    return _onednn_int8(x, packed, bias)
+        return _native_product(x, packed, bias, gelu)
+    return _onednn_int8(x, packed, bias, gelu)
 
 
-def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     q, scale = _quantized(x)
-    return _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
+    y = _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
+    if gelu and (kernels := library("int8_rows")) is not None and y.dtype == torch.float32:
+        kernels.gpt2kit_gelu(y.data_ptr(), y.numel(), torch.get_num_threads())
+        return y
+    return _gelu(y) if gelu else y
 
 
 def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +157,19 @@ def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None) -> torch.Tensor:
-    (m, k), n = x.shape, packed.plain.shape[0]
-    out = torch.empty(m, n)
+def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """x (..., K), float32, at most NATIVE_MAX_ROWS rows, times the packed weight, plus bias, through
+    the GELU if `gelu`: (..., N)."""
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], packed.plain.shape[0])
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     failed = library("int8_rows").gpt2kit_int8_linear(
         x.data_ptr(), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
+        None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], *packed.plain.shape,
+        gelu, torch.get_num_threads())
     if failed:
-        raise MemoryError(f"int8: no memory for the quantized activations ({m} x {k} bytes)")
+        raise MemoryError(f"int8: no memory for the quantized activations ({x.numel()} bytes)")
     return out
 
 
@@ -169,23 +178,23 @@ def _onednn_product(q: torch.Tensor, packed: PackedInt8, dtype: torch.dtype) -> 
                                               None, 1.0, 0, dtype, "none", [], "")
 
 
-def int8_linear(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """The int8 x int8 product of x (M, K) float by the packed weight registered as `handle`,
-    (n, K), plus bias: (M, n) in x's dtype, as eager runs it. The CPU kernel of the op
-    gpt2kit::int8_linear, so a compiled step can call it with a handle, not the opaque packed
-    tensor."""
-    return _int8_int8(x, _PACKED[handle], bias)
+    (n, K), plus bias, through the GELU if `gelu`: (M, n) in x's dtype, as eager runs it. The CPU
+    kernel of the op gpt2kit::int8_linear, so a compiled step can call it with a handle, not the
+    opaque packed tensor."""
+    return _int8_int8(x, _PACKED[handle], bias, gelu)
 
 
 # Defined with torch.library.Library rather than @custom_op: a call costs ~7 instead of ~13 us
 # (one thread), and a compiled batch-1 step makes 49 of them.
 _OPS = torch.library.Library("gpt2kit", "FRAGMENT")
-_OPS.define("int8_linear(Tensor x, int handle, int n, Tensor? bias) -> Tensor")
+_OPS.define("int8_linear(Tensor x, int handle, int n, Tensor? bias, bool gelu=False) -> Tensor")
 _OPS.impl("int8_linear", int8_linear, "CPU")
 
 
 @torch.library.register_fake("gpt2kit::int8_linear")
-def _(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, handle: int, n: int, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     return x.new_empty((x.shape[0], n))
 
 
@@ -201,6 +210,10 @@ def _int8_dequantized(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
+
+
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    return F.gelu(y, approximate="tanh")
 
 
 def _scaled(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -226,12 +239,17 @@ class Int8Products:
         return PackedInt8.of(weight, scale) if self.int8_activations else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, packed: PackedInt8 | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, packed: PackedInt8 | None = None, gelu: bool = False) -> torch.Tensor:
         """x (M, K) float times the int8 weight (N, K) with per-row scales (N,) in x's dtype, plus
-        the bias: (M, N). `packed`: the weight's `pack`."""
+        the bias, through GPT-2's GELU if `gelu`: (M, N). `packed`: the weight's `pack`."""
         if packed is not None:
-            self.last = "int8 x int8: native rows" if native_rows(x) else "int8 x int8: oneDNN"
-            return _int8_int8(x, packed, bias)
+            self.last = NATIVE_ROWS if native_rows(x) else "int8 x int8: oneDNN"
+            return _int8_int8(x, packed, bias, gelu)
+        y = self._weight_only(x, weight, scale, bias)
+        return _gelu(y) if gelu else y
+
+    def _weight_only(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] <= FUSED_MAX_ROWS and self.state != "unavailable":
             try:
                 with compiling("the int8 decode kernel") if self.state == "new" else contextlib.nullcontext():
@@ -246,13 +264,14 @@ class Int8Products:
         return _plus(_int8_dequantized(x, weight, scale), bias)
 
     def traced(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None, packed: PackedInt8 | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, packed: PackedInt8 | None = None, gelu: bool = False) -> torch.Tensor:
         """The same product inside a compiled step, with the eager numerics: int8 x int8 through
         the custom op (module docstring), weight-only as a kernel Inductor generates."""
         if packed is not None:
-            return torch.ops.gpt2kit.int8_linear(x, packed.handle, packed.scale.shape[0], bias)
+            return torch.ops.gpt2kit.int8_linear(x, packed.handle, packed.scale.shape[0], bias, gelu)
         product = _int8_dequantized if x.shape[0] > FUSED_MAX_ROWS else _int8_rows
-        return _plus(product(materialized(x), weight, scale), bias)
+        y = _plus(product(materialized(x), weight, scale), bias)
+        return _gelu(y) if gelu else y
 
     def __repr__(self) -> str:
         if self.int8_activations:
@@ -263,29 +282,39 @@ class Int8Products:
 
 class Int8Linear(torch.nn.Module):
     """nn.Linear with an int8 weight (N, K) and a scale per output row in the activations' dtype,
-    multiplied by `products` (Int8Products, shared by the model's int8 linears). `packed`, the
+    multiplied by `products` (Int8Products, shared by the model's int8 linears); `gelu=True`
+    applies GPT-2's GELU to the result (the MLP's `act`, moved into c_fc's kernel). `packed`, the
     weight as those products read it, is an attribute, not a buffer: not in the state dict, and
     an opaque oneDNN tensor that `.to()` must not convert."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 products: Int8Products):
+                 products: Int8Products, gelu: bool = False):
         super().__init__()
+        self.gelu = gelu
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self.products = products
         self.packed = products.pack(weight, scale)
+        self.native = self.packed is not None and library("int8_rows") is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step's few float32 rows go straight to the native kernel: the general path
+        # below costs ~7 us more a call, 49 calls a step.
+        if (self.native and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and x.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
+            self.products.last = NATIVE_ROWS
+            return _native_product(x, self.packed, self.bias, self.gelu)
         rows = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
-            y = self.products.traced(rows, self.weight, self.scale, self.bias, self.packed)
+            y = self.products.traced(rows, self.weight, self.scale, self.bias, self.packed, self.gelu)
         else:
-            y = self.products(rows, self.weight, self.scale, self.bias, self.packed)
+            y = self.products(rows, self.weight, self.scale, self.bias, self.packed, self.gelu)
         return y.view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, {self.products!r}"
+        gelu = ", gelu" if self.gelu else ""
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}{gelu}, {self.products!r}"
 
 
 class Int8Embedding(torch.nn.Module):

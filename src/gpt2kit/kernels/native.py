@@ -51,13 +51,16 @@ class Library:
 
 LIBRARIES = {
     "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
-        "gpt2kit_int8_linear": ([_P] * 6 + [_N] * 3 + [_T], ctypes.c_int),
-        "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None)}),
+        "gpt2kit_int8_linear": ([_P] * 6 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
+        "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None),
+        "gpt2kit_gelu": ([_P, _N, _T], None)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
-        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [_T], None)}),
+        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], None)}),
     "attention": Library(("_is_avx512_supported",), (), {
         "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [ctypes.c_float, _T],
-                                        ctypes.c_int)}),
+                                        ctypes.c_int),
+        "gpt2kit_cached_attention": ([_P, _N, _P, _P, _N, _N, _N, _P, _P, _N, _P] + [_N] * 4 + [ctypes.c_float, _T],
+                                     ctypes.c_int)}),
 }
 
 log = logging.getLogger(__name__)
@@ -85,8 +88,8 @@ def library(name: str) -> ctypes.CDLL | None:
 
 
 def _built(name: str, spec: Library) -> Path:
-    """The shared library of kernels/native/NAME.c, built once per (source, compiler, flags,
-    OpenMP runtime) and kept in cache_dir(); published by rename, so concurrent builds are
+    """The shared library of kernels/native/NAME.c, built once per (source and headers, compiler,
+    flags, OpenMP runtime) and kept in cache_dir(); published by rename, so concurrent builds are
     harmless."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise RuntimeError(f"the C kernels are built for Linux x86-64 only, not {platform.system()} {platform.machine()}")
@@ -95,7 +98,9 @@ def _built(name: str, spec: Library) -> Path:
     compiler, openmp, flags = _compiler(), _openmp_runtime(), FLAGS + spec.flags
     source = SOURCES / f"{name}.c"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), " ".join(flags).encode(), openmp.encode()]))
+    headers = [header.read_bytes() for header in sorted(SOURCES.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, version.encode(), " ".join(flags).encode(),
+                                     openmp.encode()]))
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

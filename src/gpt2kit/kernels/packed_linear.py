@@ -112,7 +112,6 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
                              if pack else weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach())
-        self.post_op = ("gelu", [], "tanh") if gelu else ("none", [], "")
         self.gelu, self.packed = gelu, pack
 
     @staticmethod
@@ -120,12 +119,12 @@ class PackedLinear(torch.nn.Module):
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if not self.packed and x.numel() == x.shape[-1]:
-                return self._one_row(x)
-        elif self.rows is not None and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
-            return self._native_rows(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], -1)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
+        if self.rows is not None and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+            return self._native_rows(x.contiguous())
+        if torch.compiler.is_compiling() and not self.packed and x.numel() == x.shape[-1]:
+            return self._one_row(x)
+        post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *post_op)
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape if not self.packed else (None, None)
@@ -133,12 +132,12 @@ class PackedLinear(torch.nn.Module):
         shape = f"in_features={k}, out_features={n}, " if n else ""
         return f"{shape}{self.weight.dtype}, {'packed' if self.packed else 'plain'}: {layout}{', gelu' if self.gelu else ''}"
 
-    def _native_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        (m, k), n = rows.shape, self.weight.shape[0]
-        out = rows.new_empty(m, n)
-        self.rows(rows.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                  out.data_ptr(), m, n, k, torch.get_num_threads())
-        return torch.nn.functional.gelu(out, approximate="tanh") if self.gelu else out
+    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # x (..., K) contiguous -> (..., N)
+        n, k = self.weight.shape
+        out = x.new_empty(*x.shape[:-1], n)
+        self.rows(x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                  out.data_ptr(), x.numel() // k, n, k, self.gelu, torch.get_num_threads())
+        return out
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # .float() on bfloat16 operands becomes a conversion inside the kernel's loads (the

@@ -8,9 +8,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "vector_math.h"
+
 /* Bytes ahead of each weight row's reads to prefetch (one thread, GPT-2 124M's products: a few
    percent; more for 2-byte weights, which a bfloat16 variant of this loop showed: 18%). */
+#ifndef PREFETCH
 #define PREFETCH 256
+#endif
 
 /* Transpose-and-add steps: 8 accumulators (16 lanes each) -> 8 row sums in lanes 0-7. */
 static inline __m512 pair(__m512 a, __m512 b) {
@@ -27,8 +31,6 @@ static inline __m512 sums8(const __m512 *acc) {
     __m512 f = lanes(quad(pair(acc[0], acc[1]), pair(acc[2], acc[3])), quad(pair(acc[4], acc[5]), pair(acc[6], acc[7])));
     return lanes(f, f);
 }
-
-static inline __mmask16 first16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
 /* Weight rows n0..n0+7 (pointers past N clamped to row N-1, their sums discarded) times T (<= 3,
    a constant after inlining) rows of x: row sums of x row t in lanes 0-7 of out[t]. */
@@ -53,9 +55,10 @@ static inline __attribute__((always_inline)) void rows8(const float *x, int T, c
     for (int t = 0; t < T; t++) out[t] = sums8(acc[t]);
 }
 
-/* out (M, N) = x (M, K) times w (N, K) transposed, plus bias (or NULL). */
+/* out (M, N) = x (M, K) times w (N, K) transposed, plus bias (or NULL), through GPT-2's GELU if
+   `gelu`. */
 void gpt2kit_f32_rows(const float *x, const float *w, const float *bias, float *out, int64_t M, int64_t N,
-                      int64_t K, int threads) {
+                      int64_t K, int gelu, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < (N + 7) / 8; blk++) {
         int64_t n0 = blk * 8;
@@ -67,7 +70,10 @@ void gpt2kit_f32_rows(const float *x, const float *w, const float *bias, float *
             if (T == 3) rows8(x + m * K, 3, w, n0, N, K, sums);
             else if (T == 2) rows8(x + m * K, 2, w, n0, N, K, sums);
             else rows8(x + m * K, 1, w, n0, N, K, sums);
-            for (int t = 0; t < T; t++, m++) _mm512_mask_storeu_ps(out + m * N + n0, valid, _mm512_add_ps(sums[t], b));
+            for (int t = 0; t < T; t++, m++) {
+                __m512 y = _mm512_add_ps(sums[t], b);
+                _mm512_mask_storeu_ps(out + m * N + n0, valid, gelu ? gelu16(y) : y);
+            }
         }
     }
 }

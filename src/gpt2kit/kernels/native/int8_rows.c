@@ -17,9 +17,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vector_math.h"
+
 /* Bytes ahead of each weight row's reads to prefetch: 16 streams are more than the hardware
    prefetcher follows well (one thread, GPT-2 124M's products: 6% faster at 256; 128-512 alike). */
+#ifndef PREFETCH
 #define PREFETCH 256
+#endif
 
 void gpt2kit_quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, int64_t K, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
@@ -96,17 +100,24 @@ static inline __attribute__((always_inline)) void rows8(const uint8_t *u, int T,
 }
 
 static inline void finish(__m512i sums, __m512i wsum, __m512 wscale, const float *bias, __m512 b, float xscale,
-                          float *out, __mmask16 valid) {
+                          int gelu, float *out, __mmask16 valid) {
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, wsum)), wscale);
     __m512 s = _mm512_set1_ps(xscale);
     y = bias ? _mm512_fmadd_ps(y, s, b) : _mm512_mul_ps(y, s);
-    _mm512_mask_storeu_ps(out, valid, y);
+    _mm512_mask_storeu_ps(out, valid, gelu ? gelu16(y) : y);
 }
 
-/* out (M, N) = quantized x (M, K) times w (N, K), scaled, plus bias (or NULL). Returns 0, or -1 if
-   the scratch memory could not be allocated. */
+/* x (n floats) through GPT-2's GELU in place: the oneDNN path's epilogue, the same numbers as the
+   native product's. */
+void gpt2kit_gelu(float *x, int64_t n, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 65536)
+    for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(x + i, first16(n - i), gelu16(_mm512_maskz_loadu_ps(first16(n - i), x + i)));
+}
+
+/* out (M, N) = quantized x (M, K) times w (N, K), scaled, plus bias (or NULL), through GPT-2's GELU
+   if `gelu`. Returns 0, or -1 if the scratch memory could not be allocated. */
 int gpt2kit_int8_linear(const float *x, const int8_t *w, const int32_t *wsum, const float *wscale,
-                        const float *bias, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+                        const float *bias, float *out, int64_t M, int64_t N, int64_t K, int gelu, int threads) {
     int8_t *q = malloc((size_t)(M * K));
     float *xscale = malloc((size_t)M * sizeof(float));
     if (!q || !xscale) { free(q); free(xscale); return -1; }
@@ -122,7 +133,7 @@ int gpt2kit_int8_linear(const float *x, const int8_t *w, const int32_t *wsum, co
         __m512 sc = _mm512_maskz_loadu_ps(valid, wscale + n0);
         __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + n0) : _mm512_setzero_ps();
         if (M == 1) {
-            finish(rows16(u, w, n0, N, K), ws, sc, bias, b, xscale[0], out + n0, valid);
+            finish(rows16(u, w, n0, N, K), ws, sc, bias, b, xscale[0], gelu, out + n0, valid);
             continue;
         }
         __m512i sums[3];
@@ -131,7 +142,7 @@ int gpt2kit_int8_linear(const float *x, const int8_t *w, const int32_t *wsum, co
             if (T == 3) rows8(u + m * K, 3, w, n0, N, K, sums);
             else if (T == 2) rows8(u + m * K, 2, w, n0, N, K, sums);
             else rows8(u + m * K, 1, w, n0, N, K, sums);
-            for (int t = 0; t < T; t++) finish(sums[t], ws, sc, bias, b, xscale[m + t], out + (m + t) * N + n0, valid);
+            for (int t = 0; t < T; t++) finish(sums[t], ws, sc, bias, b, xscale[m + t], gelu, out + (m + t) * N + n0, valid);
             m += T;
         }
     }
