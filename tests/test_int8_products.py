@@ -87,7 +87,7 @@ needs_native = pytest.mark.skipif(native.library("int8_rows") is None, reason="n
 @pytest.mark.parametrize("rows", range(1, NATIVE_MAX_ROWS + 1))
 def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
     """The native row kernel (kernels/native/int8_rows.c) against oneDNN's GEMM on the same
-    quantized rows: equal bits, with and without a bias and the GELU, for sizes that are not whole blocks
+    quantized rows: equal bits, with and without a bias, the GELU and a LayerNorm, for sizes that are not whole blocks
     (rows of 16 or 8, columns of 64)."""
     g = torch.Generator().manual_seed(rows * n + k)
     q, scale = quantize_rows(torch.randn(n, k, generator=g))
@@ -102,6 +102,13 @@ def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
         with_gelu = int8._int8_int8(x, packed, bias, True)
         assert torch.equal(with_gelu, int8._onednn_int8(x, packed, bias, True))
         torch.testing.assert_close(with_gelu, F.gelu(expected, approximate="tanh"), rtol=1e-5, atol=2e-6)
+        # with a LayerNorm moved in (norm_in_product.py): both paths normalize in the same native code
+        norm = torch.nn.LayerNorm(k)
+        torch.nn.init.normal_(norm.weight, generator=g), torch.nn.init.normal_(norm.bias, generator=g)
+        normed = int8._int8_int8(x, packed, bias, True, norm)
+        assert torch.equal(normed, int8._onednn_int8(x, packed, bias, True, norm))
+        torch_normed = int8._int8_int8(norm(x).detach(), packed, bias, True)  # may differ by a rounding of an int8 step
+        assert (normed - torch_normed).abs().mean() <= 1e-3 * torch_normed.abs().mean()
 
 
 def test_native_kernels_are_built_once_and_cached(tmp_path, monkeypatch):

@@ -23,11 +23,15 @@ def operands(rows: int, n: int, k: int):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, NATIVE_MAX_ROWS])  # 1-3 rows per pass, then again
 def test_rows_match_a_float64_product(rows, n, k):
     w, b, x = operands(rows, n, k)
-    for bias, gelu in ((None, False), (b, False), (b, True)):
+    g = torch.Generator().manual_seed(k)
+    ln_w, ln_b = torch.randn(k, generator=g), torch.randn(k, generator=g)
+    for bias, gelu, norm in ((None, False, False), (b, False, False), (b, True, False), (b, True, True)):
         out = torch.empty(rows, n)
-        f32_rows()(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                   rows, n, k, gelu, torch.get_num_threads())
-        expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        norm_args = (ln_w.data_ptr(), ln_b.data_ptr(), 1e-5) if norm else (None, None, 0.0)
+        assert f32_rows()(x.data_ptr(), *norm_args, w.data_ptr(), None if bias is None else bias.data_ptr(),
+                          out.data_ptr(), rows, n, k, gelu, torch.get_num_threads()) == 0
+        x64 = F.layer_norm(x.double(), (k,), ln_w.double(), ln_b.double(), 1e-5) if norm else x.double()
+        expected = F.linear(x64, w.double(), None if bias is None else bias.double())
         if gelu:
             expected = F.gelu(expected, approximate="tanh")
         assert (out.double() - expected).abs().max() <= 1e-6 * (1 + expected.abs().max())  # float32 sums
@@ -35,19 +39,28 @@ def test_rows_match_a_float64_product(rows, n, k):
 
 @needs_native
 @pytest.mark.parametrize("gelu", [False, True])
-def test_packed_linear_takes_the_native_kernel_for_few_rows_only(gelu, monkeypatch):
+@pytest.mark.parametrize("norm", [False, True])
+def test_packed_linear_takes_the_native_kernel_for_few_rows_only(gelu, norm, monkeypatch):
+    """Up to NATIVE_MAX_ROWS rows in the native kernel, more in oneDNN: the same results, with the
+    GELU and with a LayerNorm moved in (norm_in_product.py) or not."""
     w, b, x = operands(NATIVE_MAX_ROWS + 1, 64, 48)
     linear = PackedLinear(w, b, gelu=gelu)
-    assert not linear.packed  # the native kernel reads the plain matrix
+    assert not linear.packed and linear.takes_norm  # the native kernel reads the plain matrix
+    expected = x
+    if norm:
+        linear.norm = torch.nn.LayerNorm(48)
+        torch.nn.init.normal_(linear.norm.weight), torch.nn.init.normal_(linear.norm.bias)
+        expected = linear.norm(x)
     calls, kernel = [], linear.rows
-    monkeypatch.setattr(linear, "rows", lambda *args: calls.append(args[4]) or kernel(*args))
-    expected = F.linear(x, w, b)
+    monkeypatch.setattr(linear, "rows", lambda *args: calls.append(args[7]) or kernel(*args))
+    expected = F.linear(expected, w, b)
     if gelu:
         expected = F.gelu(expected, approximate="tanh")
-    for rows in (1, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 1):
-        got = linear(x[:rows].unsqueeze(0))
-        assert got.shape == (1, rows, 64)
-        torch.testing.assert_close(got[0], expected[:rows], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for rows in (1, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 1):
+            got = linear(x[:rows].unsqueeze(0))
+            assert got.shape == (1, rows, 64)
+            torch.testing.assert_close(got[0], expected[:rows], rtol=1e-5, atol=1e-5)
     assert calls == [1, NATIVE_MAX_ROWS]  # the native kernel ran for those, oneDNN for the last
 
 

@@ -21,6 +21,7 @@ from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.compiled_decode import CompiledDecoder
 from .kernels.int8 import Int8Linear
+from .kernels.norm_in_product import fuse_layer_norms, keep_layer_norms_apart
 from .kernels.one_query_attention import use_one_query_attention
 from .kernels.packed_linear import PackedLinear, prepare_for_inference
 from .lora import count_parameters, read_adapter
@@ -52,6 +53,8 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
         prepare_for_inference(loaded.model, pack=not compile)  # compiled: see PackedLinear.forward
     use_one_query_attention(loaded.model)
     without_dropout(loaded.model)
+    if not compile:
+        fuse_layer_norms(loaded.model)
     decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
@@ -267,6 +270,8 @@ class Model:
         rows = AdapterRows(list(read))
         if any(name.endswith(".c_fc") for _, layers in read.values() for name in layers):
             keep_gelu_apart(self.module)
+        if any(name.endswith((".c_attn", ".c_fc")) for _, layers in read.values() for name in layers):
+            keep_layer_norms_apart(self.module)  # the adapters' products take normalized inputs
         for k, (cfg, layers) in enumerate(read.values()):
             for name, (a, b) in layers.items():
                 layer = self.module.get_submodule(name)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..runtime import cpu_has
 from .compile_log import compiling
 from .native import library
+from .norm_in_product import norm_arguments
 from .packed_linear import materialized
 
 FUSED_MAX_ROWS = 16  # above this the fused kernel (one pass per row) loses to dequantize + matmul
@@ -126,18 +127,21 @@ def native_rows(x: torch.Tensor) -> bool:
     return x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and library("int8_rows") is not None
 
 
-def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    # A few float32 rows: one native call quantizes, multiplies and applies the GELU. Otherwise
-    # oneDNN scales the exact int32 sums by the weight's scales (the activations' scale is passed
-    # as 1: it is per row, which the op cannot take), then each row gets its own scale here and
-    # the native GELU. The same bits.
+def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool,
+               norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    # A few float32 rows: one native call normalizes (a fused LayerNorm), quantizes, multiplies
+    # and applies the GELU. Otherwise the same native code normalizes and quantizes, oneDNN scales
+    # the exact int32 sums by the weight's scales (the activations' scale is passed as 1: it is
+    # per row, which the op cannot take), then each row gets its own scale here and the native
+    # GELU. The same bits.
     if native_rows(x):
-        return _native_product(x, packed, bias, gelu)
-    return _onednn_int8(x, packed, bias, gelu)
+        return _native_product(x, packed, bias, gelu, norm)
+    return _onednn_int8(x, packed, bias, gelu, norm)
 
 
-def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    q, scale = _quantized(x)
+def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool,
+                 norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    q, scale = _quantized(x, norm)
     y = _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
     if gelu and (kernels := library("int8_rows")) is not None and y.dtype == torch.float32:
         kernels.gpt2kit_gelu(y.data_ptr(), y.numel(), torch.get_num_threads())
@@ -145,27 +149,30 @@ def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None,
     return _gelu(y) if gelu else y
 
 
-def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_tokens(x) as int8, in one native call where there is one."""
+def _quantized(x: torch.Tensor, norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_tokens(norm(x)) as int8, in one native call where there is one."""
     kernels = library("int8_rows")
     if kernels is None or x.dtype != torch.float32:
-        q, scale = quantize_tokens(x)
+        q, scale = quantize_tokens(x if norm is None else norm(x))
         return q.to(torch.int8), scale
     x = x.contiguous()
     q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0], 1)
-    kernels.gpt2kit_quantize_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), *x.shape, torch.get_num_threads())
+    if kernels.gpt2kit_quantize_rows(x.data_ptr(), *norm_arguments(norm), q.data_ptr(), scale.data_ptr(), *x.shape,
+                                     torch.get_num_threads()):
+        raise MemoryError(f"int8: no memory to normalize {x.numel()} activations")
     return q, scale
 
 
-def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    """x (..., K), float32, at most NATIVE_MAX_ROWS rows, times the packed weight, plus bias, through
-    the GELU if `gelu`: (..., N)."""
+def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool,
+                    norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    """x (..., K), float32, at most NATIVE_MAX_ROWS rows, through `norm` if given, times the packed
+    weight, plus bias, through the GELU if `gelu`: (..., N)."""
     x = x.contiguous()
     out = x.new_empty(*x.shape[:-1], packed.plain.shape[0])
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     failed = library("int8_rows").gpt2kit_int8_linear(
-        x.data_ptr(), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
+        x.data_ptr(), *norm_arguments(norm), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], *packed.plain.shape,
         gelu, torch.get_num_threads())
     if failed:
@@ -239,13 +246,15 @@ class Int8Products:
         return PackedInt8.of(weight, scale) if self.int8_activations else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, packed: PackedInt8 | None = None, gelu: bool = False) -> torch.Tensor:
-        """x (M, K) float times the int8 weight (N, K) with per-row scales (N,) in x's dtype, plus
-        the bias, through GPT-2's GELU if `gelu`: (M, N). `packed`: the weight's `pack`."""
+                 bias: torch.Tensor | None = None, packed: PackedInt8 | None = None, gelu: bool = False,
+                 norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+        """norm(x) (x (M, K) float; no norm: x itself) times the int8 weight (N, K) with per-row
+        scales (N,) in x's dtype, plus the bias, through GPT-2's GELU if `gelu`: (M, N).
+        `packed`: the weight's `pack`."""
         if packed is not None:
             self.last = NATIVE_ROWS if native_rows(x) else "int8 x int8: oneDNN"
-            return _int8_int8(x, packed, bias, gelu)
-        y = self._weight_only(x, weight, scale, bias)
+            return _int8_int8(x, packed, bias, gelu, norm)
+        y = self._weight_only(x if norm is None else norm(x), weight, scale, bias)
         return _gelu(y) if gelu else y
 
     def _weight_only(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -291,12 +300,13 @@ class Int8Linear(torch.nn.Module):
                  products: Int8Products, gelu: bool = False):
         super().__init__()
         self.gelu = gelu
+        self.norm: torch.nn.LayerNorm | None = None  # a LayerNorm applied first (norm_in_product.py)
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self.products = products
         self.packed = products.pack(weight, scale)
-        self.native = self.packed is not None and library("int8_rows") is not None
+        self.native = self.takes_norm = self.packed is not None and library("int8_rows") is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step's few float32 rows go straight to the native kernel: the general path
@@ -304,12 +314,13 @@ class Int8Linear(torch.nn.Module):
         if (self.native and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and x.dtype == torch.float32
                 and not torch.compiler.is_compiling()):
             self.products.last = NATIVE_ROWS
-            return _native_product(x, self.packed, self.bias, self.gelu)
+            return _native_product(x, self.packed, self.bias, self.gelu, self.norm)
         rows = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
+            rows = rows if self.norm is None else self.norm(rows)
             y = self.products.traced(rows, self.weight, self.scale, self.bias, self.packed, self.gelu)
         else:
-            y = self.products(rows, self.weight, self.scale, self.bias, self.packed, self.gelu)
+            y = self.products(rows, self.weight, self.scale, self.bias, self.packed, self.gelu, self.norm)
         return y.view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:

@@ -36,7 +36,7 @@ from ..runtime import cpu_has
 
 SOURCES = Path(__file__).with_name("native")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fPIC")
-_P, _N, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointer, size, thread count
+_P, _N, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, size, float, thread count
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,15 @@ class Library:
 
 LIBRARIES = {
     "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
-        "gpt2kit_int8_linear": ([_P] * 6 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
-        "gpt2kit_quantize_rows": ([_P] * 3 + [_N] * 2 + [_T], None),
+        "gpt2kit_int8_linear": ([_P, _P, _P, _F] + [_P] * 5 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
+        "gpt2kit_quantize_rows": ([_P, _P, _P, _F, _P, _P] + [_N] * 2 + [_T], ctypes.c_int),
         "gpt2kit_gelu": ([_P, _N, _T], None)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
-        "gpt2kit_f32_rows": ([_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], None)}),
+        "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "attention": Library(("_is_avx512_supported",), (), {
-        "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [ctypes.c_float, _T],
+        "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [_F, _T],
                                         ctypes.c_int),
-        "gpt2kit_cached_attention": ([_P, _N, _P, _P, _N, _N, _N, _P, _P, _N, _P] + [_N] * 4 + [ctypes.c_float, _T],
+        "gpt2kit_cached_attention": ([_P, _N, _P, _P, _N, _N, _N, _P, _P, _N, _P] + [_N] * 4 + [_F, _T],
                                      ctypes.c_int)}),
 }
 

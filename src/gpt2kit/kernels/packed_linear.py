@@ -12,6 +12,7 @@ import torch
 
 from ..runtime import NATIVE_BFLOAT16, cpu_bfloat16
 from .native import library
+from .norm_in_product import norm_arguments
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class PackedLinear(torch.nn.Module):
                              if pack else weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.gelu, self.packed = gelu, pack
+        self.takes_norm = self.rows is not None  # see norm_in_product.py
+        self.norm: torch.nn.LayerNorm | None = None
 
     @staticmethod
     def available() -> bool:
@@ -121,6 +124,8 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
             return self._native_rows(x.contiguous())
+        if self.norm is not None:
+            x = self.norm(x)
         if torch.compiler.is_compiling() and not self.packed and x.numel() == x.shape[-1]:
             return self._one_row(x)
         post_op = ("gelu", [], "tanh") if self.gelu else ("none", [], "")
@@ -135,8 +140,11 @@ class PackedLinear(torch.nn.Module):
     def _native_rows(self, x: torch.Tensor) -> torch.Tensor:  # x (..., K) contiguous -> (..., N)
         n, k = self.weight.shape
         out = x.new_empty(*x.shape[:-1], n)
-        self.rows(x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                  out.data_ptr(), x.numel() // k, n, k, self.gelu, torch.get_num_threads())
+        failed = self.rows(x.data_ptr(), *norm_arguments(self.norm), self.weight.data_ptr(),
+                           None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), x.numel() // k, n, k,
+                           self.gelu, torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"no memory to normalize {x.numel()} activations")
         return out
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,10 +55,13 @@ static inline __attribute__((always_inline)) void rows8(const float *x, int T, c
     for (int t = 0; t < T; t++) out[t] = sums8(acc[t]);
 }
 
-/* out (M, N) = x (M, K) times w (N, K) transposed, plus bias (or NULL), through GPT-2's GELU if
-   `gelu`. */
-void gpt2kit_f32_rows(const float *x, const float *w, const float *bias, float *out, int64_t M, int64_t N,
-                      int64_t K, int gelu, int threads) {
+/* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, times w (N, K) transposed,
+   plus bias (or NULL), through GPT-2's GELU if `gelu`. Returns 0, or -1 without memory for the
+   normalized rows. */
+int gpt2kit_f32_rows(const float *x, const float *ln_w, const float *ln_b, float eps, const float *w,
+                     const float *bias, float *out, int64_t M, int64_t N, int64_t K, int gelu, int threads) {
+    float *owned;
+    if (!(x = layer_norm_rows(x, ln_w, ln_b, eps, M, K, &owned))) return -1;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < (N + 7) / 8; blk++) {
         int64_t n0 = blk * 8;
@@ -76,4 +79,6 @@ void gpt2kit_f32_rows(const float *x, const float *w, const float *bias, float *
             }
         }
     }
+    free(owned);
+    return 0;
 }

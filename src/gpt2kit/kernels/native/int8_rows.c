@@ -25,7 +25,12 @@
 #define PREFETCH 256
 #endif
 
-void gpt2kit_quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, int64_t K, int threads) {
+/* Each row of x (M, K), through a LayerNorm first if ln_w is not NULL, quantized into q with its
+   scale. Returns 0, or -1 without memory for the normalized rows. */
+int gpt2kit_quantize_rows(const float *x, const float *ln_w, const float *ln_b, float eps, int8_t *q, float *scale,
+                          int64_t M, int64_t K, int threads) {
+    float *owned;
+    if (!(x = layer_norm_rows(x, ln_w, ln_b, eps, M, K, &owned))) return -1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -35,6 +40,8 @@ void gpt2kit_quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, i
         for (int64_t k = 0; k < K; k++) q[m * K + k] = (int8_t)nearbyintf(xm[k] / s);
         scale[m] = s;
     }
+    free(owned);
+    return 0;
 }
 
 /* Transpose-and-add steps: 16 accumulators (16 lanes each) -> one vector of 16 row sums. */
@@ -114,14 +121,17 @@ void gpt2kit_gelu(float *x, int64_t n, int threads) {
     for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(x + i, first16(n - i), gelu16(_mm512_maskz_loadu_ps(first16(n - i), x + i)));
 }
 
-/* out (M, N) = quantized x (M, K) times w (N, K), scaled, plus bias (or NULL), through GPT-2's GELU
-   if `gelu`. Returns 0, or -1 if the scratch memory could not be allocated. */
-int gpt2kit_int8_linear(const float *x, const int8_t *w, const int32_t *wsum, const float *wscale,
-                        const float *bias, float *out, int64_t M, int64_t N, int64_t K, int gelu, int threads) {
+/* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, quantized, times w (N, K),
+   scaled, plus bias (or NULL), through GPT-2's GELU if `gelu`. Returns 0, or -1 if the scratch
+   memory could not be allocated. */
+int gpt2kit_int8_linear(const float *x, const float *ln_w, const float *ln_b, float eps, const int8_t *w,
+                        const int32_t *wsum, const float *wscale, const float *bias, float *out, int64_t M, int64_t N,
+                        int64_t K, int gelu, int threads) {
     int8_t *q = malloc((size_t)(M * K));
     float *xscale = malloc((size_t)M * sizeof(float));
-    if (!q || !xscale) { free(q); free(xscale); return -1; }
-    gpt2kit_quantize_rows(x, q, xscale, M, K, 1);
+    if (!q || !xscale || gpt2kit_quantize_rows(x, ln_w, ln_b, eps, q, xscale, M, K, 1)) {
+        free(q); free(xscale); return -1;
+    }
     uint8_t *u = (uint8_t *)q;
     for (int64_t i = 0; i < M * K; i++) u[i] = (uint8_t)(q[i] + 128);
     int64_t R = M == 1 ? 16 : 8, blocks = (N + R - 1) / R;

@@ -3,7 +3,9 @@
 #ifndef GPT2KIT_VECTOR_MATH_H
 #define GPT2KIT_VECTOR_MATH_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Lanes 0..n-1 of 16 (none for n <= 0). */
 static inline __mmask16 first16(int64_t n) {
@@ -36,6 +38,39 @@ static inline __m512 gelu16(__m512 x) {
     __m512 e = exp16(_mm512_add_ps(u, u));
     __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+}
+
+/* LayerNorm of one row x (K floats) into y: (x - mean) / sqrt(var + eps) * g + b, mean and (biased)
+   variance in float32 over two passes, as torch's CPU kernel computes them (within ~1e-6). */
+static inline void layer_norm_row(const float *x, const float *g, const float *b, float eps, float *y, int64_t K) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(first16(K - k), x + k));
+    __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / (float)K);
+    acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 m = first16(K - k);
+        __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + k), mean);
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)K + eps));
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 m = first16(K - k);
+        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + k), mean), rstd);
+        _mm512_mask_storeu_ps(y + k, m, _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, g + k), _mm512_maskz_loadu_ps(m, b + k)));
+    }
+}
+
+/* x (M, K) through a LayerNorm (weight g, bias b; none if g is NULL): x itself, or a new buffer the
+   caller frees (*owned), NULL if there was no memory. */
+static inline const float *layer_norm_rows(const float *x, const float *g, const float *b, float eps, int64_t M,
+                                           int64_t K, float **owned) {
+    *owned = NULL;
+    if (!g) return x;
+    float *y = malloc((size_t)(M * K) * sizeof(float));
+    if (!y) return NULL;
+    for (int64_t m = 0; m < M; m++) layer_norm_row(x + m * K, g, b, eps, y + m * K, K);
+    *owned = y;
+    return y;
 }
 
 #endif
