@@ -33,11 +33,21 @@ int gpt2kit_quantize_rows(const float *x, const float *ln_w, const float *ln_b, 
     if (!(x = layer_norm_rows(x, ln_w, ln_b, eps, M, K, &owned))) return -1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++) {
+        /* Vectors of 16: a scalar loop (a division and a rounding per element) took ~5 ns an
+           element, a third of a batch-8 int8 step. Exact either way: a max, then x / s correctly
+           rounded and rounded half to even, as torch.round(x / scale). */
         const float *xm = x + m * K;
-        float top = 0.0f;
-        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(xm[k]));
-        float s = fmaxf(top / 127.0f, FLT_MIN);
-        for (int64_t k = 0; k < K; k++) q[m * K + k] = (int8_t)nearbyintf(xm[k] / s);
+        __m512 top = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16)
+            top = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(first16(K - k), xm + k)), top);
+        float s = fmaxf(_mm512_reduce_max_ps(top) / 127.0f, FLT_MIN);
+        __m512 sv = _mm512_set1_ps(s);
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 live = first16(K - k);
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(live, xm + k), sv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_mask_storeu_epi8(q + m * K + k, live, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r)));
+        }
         scale[m] = s;
     }
     free(owned);
