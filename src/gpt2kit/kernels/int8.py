@@ -142,11 +142,16 @@ def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, g
 def _onednn_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool,
                  norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
     q, scale = _quantized(x, norm)
-    y = _scaled(_onednn_product(q, packed, x.dtype), scale.to(x.dtype), bias)
-    if gelu and (kernels := library("int8_rows")) is not None and y.dtype == torch.float32:
-        kernels.gpt2kit_gelu(y.data_ptr(), y.numel(), torch.get_num_threads())
-        return y
-    return _gelu(y) if gelu else y
+    y = _onednn_product(q, packed, x.dtype)
+    kernels = library("int8_rows")
+    if kernels is None or y.dtype != torch.float32:
+        y = _scaled(y, scale.to(x.dtype), bias)
+        return _gelu(y) if gelu else y
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    kernels.gpt2kit_finish_rows(y.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), *y.shape,
+                                gelu, torch.get_num_threads())
+    return y
 
 
 def _quantized(x: torch.Tensor, norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:

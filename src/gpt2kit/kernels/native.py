@@ -53,7 +53,7 @@ LIBRARIES = {
     "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
         "gpt2kit_int8_linear": ([_P, _P, _P, _F] + [_P] * 5 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
         "gpt2kit_quantize_rows": ([_P, _P, _P, _F, _P, _P] + [_N] * 2 + [_T], ctypes.c_int),
-        "gpt2kit_gelu": ([_P, _N, _T], None)}),
+        "gpt2kit_finish_rows": ([_P, _P, _P, _N, _N, ctypes.c_int, _T], None)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "attention": Library(("_is_avx512_supported",), (), {

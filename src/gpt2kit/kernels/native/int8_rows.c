@@ -124,11 +124,21 @@ static inline void finish(__m512i sums, __m512i wsum, __m512 wscale, const float
     _mm512_mask_storeu_ps(out, valid, gelu ? gelu16(y) : y);
 }
 
-/* x (n floats) through GPT-2's GELU in place: the oneDNN path's epilogue, the same numbers as the
-   native product's. */
-void gpt2kit_gelu(float *x, int64_t n, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 65536)
-    for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(x + i, first16(n - i), gelu16(_mm512_maskz_loadu_ps(first16(n - i), x + i)));
+/* The oneDNN path's epilogue, in place: y (M, N), oneDNN's int32 sums times the weight's scales,
+   times each row's scale, plus bias (or NULL), through GPT-2's GELU if `gelu`: the same
+   operations, so the same bits, as the native product's finish(). */
+void gpt2kit_finish_rows(float *y, const float *xscale, const float *bias, int64_t M, int64_t N, int gelu,
+                         int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M * N >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        __m512 s = _mm512_set1_ps(xscale[m]);
+        for (int64_t n = 0; n < N; n += 16) {
+            __mmask16 live = first16(N - n);
+            __m512 v = _mm512_maskz_loadu_ps(live, y + m * N + n);
+            v = bias ? _mm512_fmadd_ps(v, s, _mm512_maskz_loadu_ps(live, bias + n)) : _mm512_mul_ps(v, s);
+            _mm512_mask_storeu_ps(y + m * N + n, live, gelu ? gelu16(v) : v);
+        }
+    }
 }
 
 /* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, quantized, times w (N, K),
