@@ -22,6 +22,7 @@ from gpt2kit.kernels.int8 import (
     native_rows,
     quantize_rows,
     quantize_tokens,
+    tiles_available,
 )
 
 needs_int8_products = pytest.mark.skipif(not int8_products_available(), reason="no VNNI/AMX int8 products on this CPU")
@@ -109,6 +110,28 @@ def test_native_rows_equal_onednn_bit_for_bit(rows, n, k):
         assert torch.equal(normed, int8._onednn_int8(x, packed, bias, True, norm))
         torch_normed = int8._int8_int8(norm(x).detach(), packed, bias, True)  # may differ by a rounding of an int8 step
         assert (normed - torch_normed).abs().mean() <= 1e-3 * torch_normed.abs().mean()
+
+
+@pytest.mark.skipif(not (int8_products_available() and tiles_available()), reason="no AMX tiles (or no native kernels) here")
+@pytest.mark.parametrize("n, k", [(96, 80), (2304, 768), (37, 130), (5, 64), (50257, 48)])
+@pytest.mark.parametrize("rows", [NATIVE_MAX_ROWS + 1, 8, 16, 17, 40])
+def test_amx_tiles_equal_onednn_bit_for_bit(rows, n, k):
+    """The native AMX tile kernel (many rows: batches, prompts) against oneDNN's GEMM on the same
+    rows: equal bits with a bias, the GELU and a LayerNorm, for sizes that are not whole tiles
+    (16 columns, 64 of K, 16 rows)."""
+    g = torch.Generator().manual_seed(rows * n + k)
+    q, scale = quantize_rows(torch.randn(n, k, generator=g))
+    tiled, onednn = PackedInt8.of(q, scale, tiles=True), PackedInt8.of(q, scale)
+    assert tiled.weight is None and tiled.tiles is not None  # the tiles replace oneDNN's copy
+    x, bias = torch.randn(rows, k, generator=g) * 5, torch.randn(n, generator=g)
+    norm = torch.nn.LayerNorm(k)
+    torch.nn.init.normal_(norm.weight, generator=g), torch.nn.init.normal_(norm.bias, generator=g)
+    for b, gelu, ln in ((None, False, None), (bias, False, None), (bias, True, norm)):
+        assert torch.equal(int8._int8_int8(x, tiled, b, gelu, ln), int8._onednn_int8(x, onednn, b, gelu, ln))
+    products = Int8Products(int8_activations=True, tiles=True)
+    linear = Int8Linear(q, scale, bias, products)
+    linear(x[None])
+    assert products.last == "int8 x int8: AMX tiles" and "AMX tiles above" in repr(linear)
 
 
 def test_native_kernels_are_built_once_and_cached(tmp_path, monkeypatch):

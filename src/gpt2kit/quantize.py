@@ -26,6 +26,7 @@ from .kernels.int8 import (
     Int8Products,
     int8_products_available,
     quantize_rows,
+    tiles_available,
 )
 from .model import GPT
 
@@ -45,7 +46,8 @@ def quantize_int8(model: GPT) -> GPT:
     dtype = weight.dtype
     # one way to multiply for all of the model's matrices (kernels/int8.py)
     products = Int8Products(int8_activations=dtype in INT8_ACTIVATION_DTYPES
-                            and int8_products_available(weight.device.type))
+                            and int8_products_available(weight.device.type),
+                            tiles=dtype == torch.float32 and weight.device.type == "cpu" and tiles_available())
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):

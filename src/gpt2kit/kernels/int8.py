@@ -7,8 +7,10 @@ Two ways to multiply, chosen once per model:
   as CTranslate2 does, and multiplied by the int8 weight: up to NATIVE_MAX_ROWS float32 rows
   (decode) in gpt2kit's native kernel (native/int8_rows.c: quantization and product in one call,
   the plain weight streamed at about twice oneDNN's speed for one row), more rows (batches, a
-  prefill) in oneDNN's int8 GEMM over a copy of the weight packed once for it. The int32 sums
-  are exact and both epilogues round alike, so a row's result is the same bits whatever other
+  prefill) on AMX tiles in the native tile kernel over a copy of the weight laid out in tiles
+  once (float32 activations on CPUs with AMX: `tiles_available`; oneDNN's GEMM cost ~30 us a call
+  before any work, 1.4 ms of a batch-8 step), else in oneDNN's int8 GEMM over a copy packed once
+  for it. The int32 sums are exact and every epilogue rounds alike, so a row's result is the same bits whatever other
   rows share the product and however many there are (a prompt's text does not depend on its
   batch), and every row count, one token or a 512-token prefill, takes this path.
 - weight-only (other CPUs, CUDA): the activations stay float. A product with a few rows (decode)
@@ -90,25 +92,28 @@ def int8_products_available(device_type: str = "cpu") -> bool:
 
 @dataclass(frozen=True)
 class PackedInt8:
-    """An int8 weight (N, K) as the int8 x int8 products read it: reordered once for oneDNN's
-    GEMM (an opaque oneDNN tensor, a second copy beside the plain weight, which export and `info`
-    read), the plain weight itself for the native row kernel with 128 * each row's sum (the
-    kernel's unsigned shift, taken back out), the per-row scales in float32 and the zero points
-    oneDNN asks for (all zero)."""
+    """An int8 weight (N, K) as the int8 x int8 products read it: a second copy beside the plain
+    weight (which export and `info` read) for products of many rows, either laid out in AMX tiles
+    for the native tile kernel (`tiles`, float32 activations on CPUs with AMX) or reordered for
+    oneDNN's GEMM (`weight`, an opaque oneDNN tensor; None when there are tiles); the plain weight
+    itself for the native row kernel with 128 * each row's sum (the kernel's unsigned shift, taken
+    back out), the per-row scales in float32 and the zero points oneDNN asks for (all zero)."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     plain: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor
     zero_points: torch.Tensor
     handle: int  # its key in _PACKED, how a compiled step names it
+    tiles: torch.Tensor | None = None
 
     @staticmethod
-    def of(weight: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
+    def of(weight: torch.Tensor, scale: torch.Tensor, tiles: bool = False) -> PackedInt8:
+        """`tiles`: the AMX tile copy (where `tiles_available()`) instead of oneDNN's."""
         n, weight = weight.shape[0], weight.contiguous()
-        packed = PackedInt8(torch.ops.onednn.qlinear_prepack(weight, None), weight,
+        packed = PackedInt8(None if tiles else torch.ops.onednn.qlinear_prepack(weight, None), weight,
                             weight.sum(1, dtype=torch.int32).mul_(128), scale.float().contiguous(),
-                            torch.zeros(n, dtype=torch.long), next(_HANDLES))
+                            torch.zeros(n, dtype=torch.long), next(_HANDLES), _tiles(weight) if tiles else None)
         _PACKED[packed.handle] = packed  # as long as a module holds it
         return packed
 
@@ -120,6 +125,22 @@ _HANDLES = itertools.count()
 
 NATIVE_MAX_ROWS = 3  # above this oneDNN's GEMM (AMX) beats the native row kernel (one-thread A/B)
 NATIVE_ROWS = "int8 x int8: native rows"  # Int8Products.last for them
+
+
+@functools.cache
+def tiles_available() -> bool:
+    """Whether int8 x int8 products of many float32 rows run in the native AMX tile kernel here:
+    a CPU with AMX, the native kernels built, and Linux's permission to use the tiles."""
+    kernels = library("int8_rows")
+    return kernels is not None and cpu_has("_is_amx_tile_supported") and bool(kernels.gpt2kit_tiles_ready())
+
+
+def _tiles(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) int8 laid out in AMX tiles (native/int8_rows.c: gpt2kit_pack_tiles)."""
+    n, k = weight.shape
+    tiles = torch.empty((n + 15) // 16 * ((k + 63) // 64) * 1024, dtype=torch.int8)
+    library("int8_rows").gpt2kit_pack_tiles(weight.data_ptr(), tiles.data_ptr(), n, k, torch.get_num_threads())
+    return tiles
 
 
 def native_rows(x: torch.Tensor) -> bool:
@@ -136,6 +157,8 @@ def _int8_int8(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, g
     # GELU. The same bits.
     if native_rows(x):
         return _native_product(x, packed, bias, gelu, norm)
+    if packed.tiles is not None:
+        return _tiles_product(x.float(), packed, bias, gelu, norm).to(x.dtype)
     return _onednn_int8(x, packed, bias, gelu, norm)
 
 
@@ -178,6 +201,22 @@ def _native_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | No
         bias = bias.float()
     failed = library("int8_rows").gpt2kit_int8_linear(
         x.data_ptr(), *norm_arguments(norm), packed.plain.data_ptr(), packed.shift.data_ptr(), packed.scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], *packed.plain.shape,
+        gelu, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"int8: no memory for the quantized activations ({x.numel()} bytes)")
+    return out
+
+
+def _tiles_product(x: torch.Tensor, packed: PackedInt8, bias: torch.Tensor | None, gelu: bool,
+                   norm: torch.nn.LayerNorm | None) -> torch.Tensor:
+    """As _native_product, any number of float32 rows, on AMX tiles (packed.tiles)."""
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], packed.plain.shape[0])
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    failed = library("int8_rows").gpt2kit_int8_tiles_linear(
+        x.data_ptr(), *norm_arguments(norm), packed.tiles.data_ptr(), packed.scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], *packed.plain.shape,
         gelu, torch.get_num_threads())
     if failed:
@@ -240,15 +279,16 @@ class Int8Products:
     Triton), it says so once and keeps to the second path. `last` names the path the latest eager
     product took: "int8 x int8: native rows" or "int8 x int8: oneDNN", "fused" or "dequantized"."""
 
-    def __init__(self, int8_activations: bool = False):
+    def __init__(self, int8_activations: bool = False, tiles: bool = False):
         self.int8_activations = int8_activations
+        self.tiles = int8_activations and tiles
         self.kernel = torch.compile(_int8_rows, dynamic=True, fullgraph=True)
         self.state = "new"  # "new" until the first fused call, then "compiled" or "unavailable"
         self.last: str | None = None
 
     def pack(self, weight: torch.Tensor, scale: torch.Tensor) -> PackedInt8 | None:
         """The copy of an int8 weight these products read, if they read one."""
-        return PackedInt8.of(weight, scale) if self.int8_activations else None
+        return PackedInt8.of(weight, scale, self.tiles) if self.int8_activations else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None, packed: PackedInt8 | None = None, gelu: bool = False,
@@ -257,7 +297,7 @@ class Int8Products:
         scales (N,) in x's dtype, plus the bias, through GPT-2's GELU if `gelu`: (M, N).
         `packed`: the weight's `pack`."""
         if packed is not None:
-            self.last = NATIVE_ROWS if native_rows(x) else "int8 x int8: oneDNN"
+            self.last = NATIVE_ROWS if native_rows(x) else "int8 x int8: AMX tiles" if packed.tiles is not None else "int8 x int8: oneDNN"
             return _int8_int8(x, packed, bias, gelu, norm)
         y = self._weight_only(x if norm is None else norm(x), weight, scale, bias)
         return _gelu(y) if gelu else y
@@ -290,7 +330,8 @@ class Int8Products:
     def __repr__(self) -> str:
         if self.int8_activations:
             few = "native" if library("int8_rows") is not None else "oneDNN"
-            return f"Int8Products(int8 x int8, a scale per token: {few} up to {NATIVE_MAX_ROWS} rows, oneDNN above)"
+            many = "AMX tiles" if self.tiles else "oneDNN"
+            return f"Int8Products(int8 x int8, a scale per token: {few} up to {NATIVE_MAX_ROWS} rows, {many} above)"
         return f"Int8Products(weight-only; fused kernel: {self.state})"
 
 

@@ -50,10 +50,13 @@ class Library:
 
 
 LIBRARIES = {
-    "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni",), {
+    "int8_rows": Library(("_is_avx512_supported", "_is_vnni_supported"), ("-mavx512vnni", "-mamx-tile", "-mamx-int8"), {
         "gpt2kit_int8_linear": ([_P, _P, _P, _F] + [_P] * 5 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
         "gpt2kit_quantize_rows": ([_P, _P, _P, _F, _P, _P] + [_N] * 2 + [_T], ctypes.c_int),
-        "gpt2kit_finish_rows": ([_P, _P, _P, _N, _N, ctypes.c_int, _T], None)}),
+        "gpt2kit_finish_rows": ([_P, _P, _P, _N, _N, ctypes.c_int, _T], None),
+        "gpt2kit_tiles_ready": ([], ctypes.c_int),  # AMX: called only where the CPU has it
+        "gpt2kit_pack_tiles": ([_P, _P, _N, _N, _T], None),
+        "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "attention": Library(("_is_avx512_supported",), (), {

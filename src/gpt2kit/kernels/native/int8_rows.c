@@ -1,4 +1,5 @@
-/* int8 x int8 products for a few rows (decode), AVX512-VNNI. Built and loaded by kernels/native.py.
+/* int8 x int8 products: a few rows (decode) on AVX512-VNNI, many rows (batches, prompts) on AMX tiles
+   (at the end of the file). Built and loaded by kernels/native.py.
 
    Each row of x is quantized with a scale of its own (symmetric, absmax / 127, rounded half to
    even: the same numbers as int8.quantize_tokens), shifted by +128 into uint8 because vpdpbusd
@@ -16,6 +17,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "vector_math.h"
 
@@ -175,6 +179,111 @@ int gpt2kit_int8_linear(const float *x, const float *ln_w, const float *ln_b, fl
             for (int t = 0; t < T; t++) finish(sums[t], ws, sc, bias, b, xscale[m + t], gelu, out + (m + t) * N + n0, valid);
             m += T;
         }
+    }
+    free(q);
+    free(xscale);
+    return 0;
+}
+
+/* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
+
+   TDPBSSD multiplies a 16 x 64-byte tile of activations (16 tokens, 64 of K, signed) by a
+   16 x 64-byte tile of weights in the VNNI layout (row r: for each of 16 output columns, 4
+   consecutive bytes of K) into 16 x 16 int32 sums: the same exact sums as the rows kernel above and
+   oneDNN's GEMM, and the epilogue is finish()'s, so the same bits whichever path a row takes. Each
+   thread takes groups of 4 column tiles (64 outputs); for each, every block of 16 tokens runs over
+   K, so the group's weights stream from memory once and are re-read from cache by later blocks.
+   oneDNN's GEMM spends ~30 us a call before any work at a batch of 8: ~1.4 ms of a GPT-2 124M step. */
+
+#define TILE_BYTES 1024  /* 16 rows of 64 bytes */
+
+/* Linux gives a process AMX's tile registers only once it asks (ARCH_REQ_XCOMP_PERM for
+   XFEATURE_XTILEDATA); 1 if granted (or already). */
+int gpt2kit_tiles_ready(void) {
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+/* w (N, K) int8 into tiles: for each block of 16 rows of w (output columns) and each 64 of K, a
+   tile whose row r holds w[n][64 kb + 4r .. + 3] for its 16 columns n, zero-padded at the edges;
+   the blocks of K of one column block contiguous. `tiles`: ceil(N / 16) * ceil(K / 64) * 1024 bytes. */
+void gpt2kit_pack_tiles(const int8_t *w, int8_t *tiles, int64_t N, int64_t K, int threads) {
+    int64_t NB = (N + 15) / 16, KB = (K + 63) / 64;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t kb = 0; kb < KB; kb++) {
+            int8_t *t = tiles + (nb * KB + kb) * TILE_BYTES;
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int j = 0; j < 4; j++) {
+                        int64_t row = nb * 16 + n, col = kb * 64 + 4 * r + j;
+                        t[r * 64 + n * 4 + j] = row < N && col < K ? w[row * K + col] : 0;
+                    }
+        }
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, quantized, times the
+   packed weight `tiles` (gpt2kit_pack_tiles), scaled, plus bias (or NULL), through GPT-2's GELU if
+   `gelu`. Returns 0, or -1 without memory for the quantized activations. */
+int gpt2kit_int8_tiles_linear(const float *x, const float *ln_w, const float *ln_b, float eps, const int8_t *tiles,
+                              const float *wscale, const float *bias, float *out, int64_t M, int64_t N, int64_t K,
+                              int gelu, int threads) {
+    int64_t KB = (K + 63) / 64, Kp = KB * 64, MB = (M + 15) / 16, NB = (N + 15) / 16, groups = (NB + 3) / 4;
+    int8_t *q = calloc((size_t)(MB * 16 * Kp), 1), *rows = Kp == K ? q : malloc((size_t)(M * K));
+    float *xscale = malloc((size_t)M * sizeof(float));
+    if (!q || !rows || !xscale || gpt2kit_quantize_rows(x, ln_w, ln_b, eps, rows, xscale, M, K, threads)) {
+        free(q); if (rows != q) free(rows); free(xscale); return -1;
+    }
+    if (rows != q) {  /* rows of Kp bytes, zero beyond K */
+        for (int64_t m = 0; m < M; m++) memcpy(q + m * Kp, rows + m * K, (size_t)K);
+        free(rows);
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        struct tile_config cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 7; t++) { cfg.rows[t] = 16; cfg.bytes_per_row[t] = 64; }
+        /* inline assembly reading cfg: GCC 12 dropped the stores into a config passed to the builtin */
+        __asm__ volatile("ldtilecfg %0" :: "m"(cfg));
+        int32_t sums[4][16][16];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t nb0 = g * 4, tiles_n = NB - nb0 < 4 ? NB - nb0 : 4;
+            const int8_t *b = tiles + nb0 * KB * TILE_BYTES;
+            for (int64_t mb = 0; mb < MB; mb++) {
+                const int8_t *a = q + mb * 16 * Kp;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    _tile_loadd(4, a + kb * 64, Kp);
+                    _tile_loadd(5, b + kb * TILE_BYTES, 64);
+                    _tile_dpbssd(0, 4, 5);
+                    if (tiles_n > 1) { _tile_loadd(6, b + (KB + kb) * TILE_BYTES, 64); _tile_dpbssd(1, 4, 6); }
+                    if (tiles_n > 2) { _tile_loadd(5, b + (2 * KB + kb) * TILE_BYTES, 64); _tile_dpbssd(2, 4, 5); }
+                    if (tiles_n > 3) { _tile_loadd(6, b + (3 * KB + kb) * TILE_BYTES, 64); _tile_dpbssd(3, 4, 6); }
+                }
+                _tile_stored(0, sums[0], 64);
+                if (tiles_n > 1) _tile_stored(1, sums[1], 64);
+                if (tiles_n > 2) _tile_stored(2, sums[2], 64);
+                if (tiles_n > 3) _tile_stored(3, sums[3], 64);
+                for (int64_t t = 0; t < tiles_n; t++) {
+                    int64_t n0 = (nb0 + t) * 16;
+                    __mmask16 valid = first16(N - n0);
+                    __m512 sc = _mm512_maskz_loadu_ps(valid, wscale + n0);
+                    __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias + n0) : _mm512_setzero_ps();
+                    for (int64_t r = 0; r < 16 && mb * 16 + r < M; r++) {
+                        int64_t m = mb * 16 + r;
+                        finish(_mm512_loadu_si512(sums[t][r]), _mm512_setzero_si512(), sc, bias, bv, xscale[m], gelu,
+                               out + m * N + n0, valid);
+                    }
+                }
+            }
+        }
+        _tile_release();
     }
     free(q);
     free(xscale);
