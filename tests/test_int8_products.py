@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 import gpt2kit
 import gpt2kit.quantize
+from gpt2kit.config import ModelConfig
 from gpt2kit.kernels import int8, native
 from gpt2kit.kernels.int8 import (
     NATIVE_MAX_ROWS,
     Int8Linear,
+    Int8MLP,
     Int8Products,
     PackedInt8,
     int8_products_available,
@@ -24,6 +26,7 @@ from gpt2kit.kernels.int8 import (
     quantize_tokens,
     tiles_available,
 )
+from gpt2kit.model import MLP
 
 needs_int8_products = pytest.mark.skipif(not int8_products_available(), reason="no VNNI/AMX int8 products on this CPU")
 
@@ -132,6 +135,32 @@ def test_amx_tiles_equal_onednn_bit_for_bit(rows, n, k):
     linear = Int8Linear(q, scale, bias, products)
     linear(x[None])
     assert products.last == "int8 x int8: AMX tiles" and "AMX tiles above" in repr(linear)
+
+
+@needs_native
+@needs_int8_products
+@pytest.mark.parametrize("norm", [False, True])
+def test_int8_mlp_in_one_call_equals_its_two_products(norm, monkeypatch):
+    """Int8MLP's one native call for a decode step's rows: the same bits as the plain MLP forward
+    over the same Int8Linears (c_fc with its GELU and, moved in, its LayerNorm)."""
+    g = torch.Generator().manual_seed(7)
+    products = Int8Products(int8_activations=True)
+    plain = MLP(ModelConfig(n_embd=48, n_head=4)).eval()
+    plain.c_fc = Int8Linear(*quantize_rows(torch.randn(192, 48, generator=g)), torch.randn(192, generator=g), products,
+                            gelu=True)
+    plain.c_proj = Int8Linear(*quantize_rows(torch.randn(48, 192, generator=g)), torch.randn(48, generator=g), products)
+    plain.act = torch.nn.Identity()  # in c_fc
+    if norm:
+        plain.c_fc.norm = torch.nn.LayerNorm(48)
+        torch.nn.init.normal_(plain.c_fc.norm.weight, generator=g), torch.nn.init.normal_(plain.c_fc.norm.bias, generator=g)
+    fused = Int8MLP(plain).eval()
+    calls = []
+    monkeypatch.setattr(int8, "_native_mlp", lambda *a, _f=int8._native_mlp: calls.append(a[0].shape) or _f(*a))
+    with torch.no_grad():
+        for rows in range(1, NATIVE_MAX_ROWS + 2):
+            x = torch.randn(1, rows, 48, generator=g)
+            assert torch.equal(fused(x), plain(x))
+    assert calls == [(1, rows, 48) for rows in range(1, NATIVE_MAX_ROWS + 1)]  # more rows: the plain forward
 
 
 def test_native_kernels_are_built_once_and_cached(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from .kernels.int8 import (
     INT8_ACTIVATION_DTYPES,
     Int8Embedding,
     Int8Linear,
+    Int8MLP,
     Int8Products,
     int8_products_available,
     quantize_rows,
@@ -56,6 +57,8 @@ def quantize_int8(model: GPT) -> GPT:
             gelu = name == "c_fc"  # the MLP's tanh-GELU moves into c_fc's kernel
             setattr(parent, name, Int8Linear(weight, scale.to(dtype), linear.bias.detach(), products, gelu=gelu))
         block.mlp.act = torch.nn.Identity()
+        if products.int8_activations:
+            block.mlp = Int8MLP(block.mlp)  # a decode step's MLP in one native call
     weight, scale = quantize_rows(model.transformer.wte.weight.detach())
     embedding = Int8Embedding(weight, scale.to(dtype))
     model.transformer.wte = embedding

@@ -185,6 +185,22 @@ int gpt2kit_int8_linear(const float *x, const float *ln_w, const float *ln_b, fl
     return 0;
 }
 
+/* A decode step's MLP for M (<= 3) rows in one call: out (M, K) = c_proj(gelu(c_fc(norm(x)))), both
+   products as gpt2kit_int8_linear computes them (so the same bits as two calls), the hidden rows
+   (M, H) in scratch memory. Saves a product's Python and module calls per block. Returns 0, or -1
+   without scratch memory. */
+int gpt2kit_int8_mlp(const float *x, const float *ln_w, const float *ln_b, float eps, const int8_t *fc_w,
+                     const int32_t *fc_wsum, const float *fc_wscale, const float *fc_bias, const int8_t *proj_w,
+                     const int32_t *proj_wsum, const float *proj_wscale, const float *proj_bias, float *out,
+                     int64_t M, int64_t K, int64_t H, int threads) {
+    float *h = malloc((size_t)(M * H) * sizeof(float));
+    int failed = !h
+        || gpt2kit_int8_linear(x, ln_w, ln_b, eps, fc_w, fc_wsum, fc_wscale, fc_bias, h, M, H, K, 1, threads)
+        || gpt2kit_int8_linear(h, NULL, NULL, 0.0f, proj_w, proj_wsum, proj_wscale, proj_bias, out, M, K, H, 0, threads);
+    free(h);
+    return failed ? -1 : 0;
+}
+
 /* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
 
    TDPBSSD multiplies a 16 x 64-byte tile of activations (16 tokens, 64 of K, signed) by a
