@@ -11,13 +11,20 @@ import torch
 import torch.nn.functional as F
 
 import gpt2kit
-from gpt2kit.kernels import one_query_attention
-from gpt2kit.kernels.native import library
 from gpt2kit.config import ModelConfig
 from gpt2kit.inference.kv_cache import KVCache
-from gpt2kit.kernels.one_query_attention import (CachedDecodeAttention, OneQueryAttention, native_fits,
-                                                use_one_query_attention)
+from gpt2kit.kernels import one_query_attention
+from gpt2kit.kernels.int8 import int8_products_available
+from gpt2kit.kernels.native import library
+from gpt2kit.kernels.norm_in_product import fuse_layer_norms
+from gpt2kit.kernels.one_query_attention import (
+    CachedDecodeAttention,
+    OneQueryAttention,
+    native_fits,
+    use_one_query_attention,
+)
 from gpt2kit.model import GPT, Positions
+from gpt2kit.quantize import quantize_int8
 
 needs_native = pytest.mark.skipif(library("attention") is None, reason="no native attention kernel here (no AVX512 or no C compiler)")
 
@@ -99,3 +106,32 @@ def test_cached_decode_attention_matches_the_plain_block(padded, monkeypatch):
     assert calls  # the native kernel ran
     for a, b in zip(caches[0].tensors(), caches[1].tensors()):
         torch.testing.assert_close(a[:, :, :9], b[:, :, :9], rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.skipif(not int8_products_available(), reason="no VNNI/AMX int8 products on this CPU")
+def test_int8_attention_block_in_one_call_keeps_the_bits(monkeypatch):
+    """With native int8 x int8 linears, c_attn, the cache write, the attention and c_proj run in one
+    native call (int8.int8_attention_block): the same logits and cache, bit for bit, as the three
+    calls, with left padding."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_positions=32, n_embd=48, n_layer=2, n_head=3)).eval()
+    quantize_int8(model)
+    use_one_query_attention(model)
+    fuse_layer_norms(model)
+    pad, idx = torch.tensor([0, 2]), torch.randint(0, 64, (2, 9))
+    calls = []
+    monkeypatch.setattr(one_query_attention, "int8_attention_block",
+                        lambda *a, _f=one_query_attention.int8_attention_block: calls.append(1) or _f(*a))
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(one_query_attention, "fuses_attention", lambda *a, _on=fused: _on)
+        cache = KVCache.for_model(model, 2, 16)
+        with torch.inference_mode():
+            model(idx[:, :6], cache, Positions.at(0, 6, pad))
+            logits = [model(idx[:, t:t + 1], cache, Positions.at(t, 1, pad)) for t in range(6, 9)]
+        runs.append((logits, cache))
+    assert len(calls) == 3 * 2  # three steps of two layers, fused
+    (fused_logits, fused_cache), (plain_logits, plain_cache) = runs
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, plain_logits))
+    assert all(torch.equal(a, b) for a, b in zip(fused_cache.tensors(), plain_cache.tensors()))

@@ -427,3 +427,32 @@ def _address(bias: torch.Tensor | None) -> int | None:
     if bias is not None and bias.dtype != torch.float32:
         raise TypeError(f"int8: a native product needs a float32 bias, not {bias.dtype}")
     return None if bias is None else bias.data_ptr()
+
+
+def fuses_attention(c_attn: torch.nn.Module, c_proj: torch.nn.Module, rows: int) -> bool:
+    """Whether a decode step's attention block over `rows` float32 rows can run in one native call
+    (`int8_attention_block`): both products native int8 x int8 rows (no adapters wrapping them)."""
+    return (type(c_attn) is Int8Linear and type(c_proj) is Int8Linear and c_attn.native and c_proj.native
+            and rows <= NATIVE_MAX_ROWS)
+
+
+def int8_attention_block(x: torch.Tensor, c_attn: Int8Linear, c_proj: Int8Linear, n_head: int, k: torch.Tensor,
+                         v: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor, S: int) -> torch.Tensor:
+    """c_proj(attention(c_attn(x))) for x (B, 1, C) float32, one token per row, in one native call
+    (native/int8_rows.c: gpt2kit_int8_attention; the same bits as the three calls): the keys and
+    values written into the cache tensors k, v (B, nh, L, hs) at `slot` (int64, one element), each
+    query attending over slots 0..S-1 where `mask` (B or 1, S) allows. Used by
+    one_query_attention.CachedDecodeAttention (~15 us less a block than three calls)."""
+    B, _, C = x.shape
+    x, a, b = x.contiguous(), c_attn.packed, c_proj.packed
+    out = x.new_empty(B, 1, C)
+    c_attn.products.last = NATIVE_ROWS
+    D = C // n_head
+    failed = library("int8_rows").gpt2kit_int8_attention(
+        x.data_ptr(), *norm_arguments(c_attn.norm), a.plain.data_ptr(), a.shift.data_ptr(), a.scale.data_ptr(),
+        _address(c_attn.bias), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), slot.data_ptr(),
+        mask.data_ptr(), S if mask.shape[0] > 1 else 0, b.plain.data_ptr(), b.shift.data_ptr(), b.scale.data_ptr(),
+        _address(c_proj.bias), out.data_ptr(), B, n_head, S, C, D ** -0.5, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"attention: no memory for {B * n_head * S} scores")
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model import CausalSelfAttention, ScaledDotProduct
+from .int8 import fuses_attention, int8_attention_block
 from .native import library
 
 
@@ -30,7 +31,9 @@ class CachedDecodeAttention(CausalSelfAttention):
     (one float32 token per row, a KVCache) taken in one native call after c_attn: the new keys and
     values written into the cache and every head's attention over it (native/attention.c). That
     replaces the split into heads, the cache's two index copies and the re-assembly of heads, ~30
-    us a layer of a ~4 ms int8 step at GPT-2 124M's size. Anything else runs the plain forward."""
+    us a layer of a ~4 ms int8 step at GPT-2 124M's size; with native int8 x int8 linears, c_attn
+    and c_proj run in the same call (int8.int8_attention_block). Anything else runs the plain
+    forward."""
 
     def __init__(self, attn: CausalSelfAttention):
         torch.nn.Module.__init__(self)  # not CausalSelfAttention's: no new weights to initialise
@@ -47,9 +50,11 @@ class CachedDecodeAttention(CausalSelfAttention):
         if not (k.dtype == torch.float32 and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
             return super().forward(x, layer, cache, at, mask)
         B, _, C = x.shape
-        qkv = self.c_attn(x).contiguous()  # (B, 1, 3C)
         S, mask = at.keys.shape[0], mask.reshape(mask.shape[0], -1).contiguous()
         slot = at.slots.to(torch.int64).contiguous()
+        if fuses_attention(self.c_attn, self.c_proj, B):  # int8: the products in the same call
+            return self.resid_dropout(int8_attention_block(x, self.c_attn, self.c_proj, self.n_head, k, v, slot, mask, S))
+        qkv = self.c_attn(x).contiguous()  # (B, 1, 3C)
         y = x.new_empty(B, 1, C)
         D = C // self.n_head
         failed = kernels.gpt2kit_cached_attention(

@@ -6,57 +6,7 @@
    (vector_math.h's exp16), and the weighted sum of values.
    Masked slots weigh exactly 0. Sums in float32, as SDPA's. (row, head) pairs are split over the
    caller's OpenMP threads (torch's runtime: see native.py). */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "vector_math.h"
-
-static inline float dot(const float *a, const float *b, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-        __mmask16 m = first16(D - d);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-/* One (row, head): scores of query qv against keys kb[s] (s < S, kv_s floats apart) where
-   allowed[s], their softmax in w (S floats of scratch), and the weighted sum of values vb[s] into
-   yo (D floats). */
-static void attend(const float *qv, const float *kb, const float *vb, int64_t kv_s, const uint8_t *allowed,
-                   float *w, float *yo, int64_t S, int64_t D, float scale) {
-    float top = -INFINITY;
-    for (int64_t s = 0; s < S; s++) {
-        w[s] = allowed[s] ? dot(qv, kb + s * kv_s, D) * scale : -INFINITY;
-        top = w[s] > top ? w[s] : top;
-    }
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; s += 16) {
-        __mmask16 m = first16(S - s);
-        __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + s), _mm512_set1_ps(top));
-        __mmask16 live = _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-        __m512 e = _mm512_maskz_mov_ps(live, exp16(x));
-        _mm512_mask_storeu_ps(w + s, m, e);
-        total = _mm512_add_ps(total, e);
-    }
-    float inv = 1.0f / _mm512_reduce_add_ps(total);
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {  /* 4 vectors of the output at a time */
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t s = 0; s < S; s++) {
-            if (w[s] == 0.0f) continue;
-            __m512 ws = _mm512_set1_ps(w[s]);
-            for (int j = 0; j < 4; j++) {
-                __mmask16 m = first16(D - d0 - 16 * j);
-                acc[j] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(m, vb + s * kv_s + d0 + 16 * j), acc[j]);
-            }
-        }
-        for (int j = 0; j < 4; j++)
-            _mm512_mask_storeu_ps(yo + d0 + 16 * j, first16(D - d0 - 16 * j), _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
-    }
-}
+#include "attention.h"
 
 /* y[b, h] (D floats, rows of y B*H apart by D) for query q[b, h], keys and values k[b, h, s],
    v[b, h, s] (s < S, rows D floats), mask[b, s] (1 = attend; b stride 0 for one mask row).
@@ -84,18 +34,5 @@ int gpt2kit_one_query_attention(const float *q, int64_t q_b, int64_t q_h, const 
 int gpt2kit_cached_attention(const float *qkv, int64_t qkv_b, float *k, float *v, int64_t kv_b, int64_t kv_h,
                              int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, float *y,
                              int64_t B, int64_t H, int64_t S, int64_t D, float scale, int threads) {
-    float *scores = malloc((size_t)(B * H * S) * sizeof(float));
-    if (!scores) return -1;
-    int64_t C = H * D, at = *slot;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        const float *row = qkv + b * qkv_b + h * D;
-        float *kb = k + b * kv_b + h * kv_h, *vb = v + b * kv_b + h * kv_h;
-        memcpy(kb + at * kv_s, row + C, (size_t)D * sizeof(float));
-        memcpy(vb + at * kv_s, row + 2 * C, (size_t)D * sizeof(float));
-        attend(row, kb, vb, kv_s, mask + b * mask_b, scores + bh * S, y + bh * D, S, D, scale);
-    }
-    free(scores);
-    return 0;
+    return cached_attention(qkv, qkv_b, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, y, B, H, S, D, scale, threads);
 }

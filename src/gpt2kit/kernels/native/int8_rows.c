@@ -21,6 +21,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "attention.h"
 #include "vector_math.h"
 
 /* Bytes ahead of each weight row's reads to prefetch: 16 streams are more than the hardware
@@ -198,6 +199,29 @@ int gpt2kit_int8_mlp(const float *x, const float *ln_w, const float *ln_b, float
         || gpt2kit_int8_linear(x, ln_w, ln_b, eps, fc_w, fc_wsum, fc_wscale, fc_bias, h, M, H, K, 1, threads)
         || gpt2kit_int8_linear(h, NULL, NULL, 0.0f, proj_w, proj_wsum, proj_wscale, proj_bias, out, M, K, H, 0, threads);
     free(h);
+    return failed ? -1 : 0;
+}
+
+/* A decode step's attention block for B (<= 3) rows of one token in one call: qkv = c_attn(norm(x)),
+   its keys and values written into the cache at *slot and each head's query attending over slots
+   0..S-1 (attention.h, as gpt2kit_cached_attention, scores times `scale`), then out (B, C) =
+   c_proj(heads): the same
+   bits as the three calls. Returns 0, or -1 without scratch memory. */
+int gpt2kit_int8_attention(const float *x, const float *ln_w, const float *ln_b, float eps, const int8_t *qkv_w,
+                           const int32_t *qkv_wsum, const float *qkv_wscale, const float *qkv_bias, float *k, float *v,
+                           int64_t kv_b, int64_t kv_h, int64_t kv_s, const int64_t *slot, const uint8_t *mask,
+                           int64_t mask_b, const int8_t *proj_w, const int32_t *proj_wsum, const float *proj_wscale,
+                           const float *proj_bias, float *out, int64_t B, int64_t H, int64_t S, int64_t C, float scale,
+                           int threads) {
+    float *qkv = malloc((size_t)(B * 3 * C) * sizeof(float)), *heads = malloc((size_t)(B * C) * sizeof(float));
+    int64_t D = C / H;
+    int failed = !qkv || !heads
+        || gpt2kit_int8_linear(x, ln_w, ln_b, eps, qkv_w, qkv_wsum, qkv_wscale, qkv_bias, qkv, B, 3 * C, C, 0, threads)
+        || cached_attention(qkv, 3 * C, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, heads, B, H, S, D, scale, threads)
+        || gpt2kit_int8_linear(heads, NULL, NULL, 0.0f, proj_w, proj_wsum, proj_wscale, proj_bias, out, B, C, C, 0,
+                               threads);
+    free(qkv);
+    free(heads);
     return failed ? -1 : 0;
 }
 
