@@ -66,7 +66,9 @@ LIBRARIES = {
         "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [_F, _T],
                                         ctypes.c_int),
         "gpt2kit_cached_attention": ([_P, _N, _P, _P, _N, _N, _N, _P, _P, _N, _P] + [_N] * 4 + [_F, _T],
-                                     ctypes.c_int)}),
+                                     ctypes.c_int),
+        "gpt2kit_cached_attention_bf16": ([_P, _N, _P, _P, _N, _N, _N, _P, _P, _N, _P] + [_N] * 4 + [_F, _T],
+                                          ctypes.c_int)}),
 }
 
 log = logging.getLogger(__name__)

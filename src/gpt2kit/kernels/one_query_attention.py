@@ -28,7 +28,7 @@ def use_one_query_attention(model: torch.nn.Module) -> None:
 
 class CachedDecodeAttention(CausalSelfAttention):
     """The block's attention, the same modules (and state-dict keys), with an eager decode step
-    (one float32 token per row, a KVCache) taken in one native call after c_attn: the new keys and
+    (one float32 or bfloat16 token per row, a KVCache) taken in one native call after c_attn: the new keys and
     values written into the cache and every head's attention over it (native/attention.c). That
     replaces the split into heads, the cache's two index copies and the re-assembly of heads, ~30
     us a layer of a ~4 ms int8 step at GPT-2 124M's size; with native int8 x int8 linears, c_attn
@@ -43,27 +43,32 @@ class CachedDecodeAttention(CausalSelfAttention):
         self.train(attn.training)
 
     def forward(self, x, layer, cache, at, mask):
-        if (x.shape[1] != 1 or cache is None or mask is None or self.training or x.dtype != torch.float32
+        if (x.shape[1] != 1 or cache is None or mask is None or self.training or x.dtype not in NATIVE_CACHE_DTYPES
                 or torch.compiler.is_compiling() or (kernels := library("attention")) is None):
             return super().forward(x, layer, cache, at, mask)
         k, v = cache.k[layer], cache.v[layer]
-        if not (k.dtype == torch.float32 and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
+        if not (k.dtype == x.dtype and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
             return super().forward(x, layer, cache, at, mask)
         B, _, C = x.shape
         S, mask = at.keys.shape[0], mask.reshape(mask.shape[0], -1).contiguous()
         slot = at.slots.to(torch.int64).contiguous()
-        if fuses_attention(self.c_attn, self.c_proj, B):  # int8: the products in the same call
+        if x.dtype == torch.float32 and fuses_attention(self.c_attn, self.c_proj, B):  # int8: the products too
             return self.resid_dropout(int8_attention_block(x, self.c_attn, self.c_proj, self.n_head, k, v, slot, mask, S))
         qkv = self.c_attn(x).contiguous()  # (B, 1, 3C)
-        y = x.new_empty(B, 1, C)
+        y = torch.empty(B, 1, C)  # float32 sums whatever the cache's dtype
         D = C // self.n_head
-        failed = kernels.gpt2kit_cached_attention(
+        attention = (kernels.gpt2kit_cached_attention if x.dtype == torch.float32
+                     else kernels.gpt2kit_cached_attention_bf16)
+        failed = attention(
             qkv.data_ptr(), qkv.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
             slot.data_ptr(), mask.data_ptr(), S if mask.shape[0] > 1 else 0, y.data_ptr(), B, self.n_head, S, D,
             D ** -0.5, torch.get_num_threads())
         if failed:
             raise MemoryError(f"attention: no memory for {B * self.n_head * S} scores")
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.to(x.dtype)))
+
+
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what native/attention.c reads
 
 
 class OneQueryAttention(ScaledDotProduct):

@@ -11,23 +11,31 @@
 
 #include "vector_math.h"
 
-static inline float dot(const float *a, const float *b, int64_t D) {
+/* 16 elements of a float32 or (bf16 != 0) bfloat16 array from element i on, as float32 (a
+   bfloat16 is the top half of a float32's bits). */
+static inline __m512 load16(const void *p, int64_t i, __mmask16 m, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline float dot(const float *a, const void *b, int64_t i, int64_t D, int bf16) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
         __mmask16 m = first16(D - d);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), load16(b, i + d, m, bf16), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
 
-/* One (row, head): scores of query qv against keys kb[s] (s < S, kv_s floats apart) where
-   allowed[s], their softmax in w (S floats of scratch), and the weighted sum of values vb[s] into
-   yo (D floats). */
-static void attend(const float *qv, const float *kb, const float *vb, int64_t kv_s, const uint8_t *allowed,
-                   float *w, float *yo, int64_t S, int64_t D, float scale) {
+/* One (row, head): scores of query qv against keys kb[s] (s < S, kv_s elements apart; float32, or
+   bfloat16 if bf16) where allowed[s], their softmax in w (S floats of scratch), and the weighted
+   sum of values vb[s] into yo (D floats). Sums in float32 either way. */
+static void attend(const float *qv, const void *kb, const void *vb, int64_t kv_s, const uint8_t *allowed,
+                   float *w, float *yo, int64_t S, int64_t D, float scale, int bf16) {
     float top = -INFINITY;
     for (int64_t s = 0; s < S; s++) {
-        w[s] = allowed[s] ? dot(qv, kb + s * kv_s, D) * scale : -INFINITY;
+        w[s] = allowed[s] ? dot(qv, kb, s * kv_s, D, bf16) * scale : -INFINITY;
         top = w[s] > top ? w[s] : top;
     }
     __m512 total = _mm512_setzero_ps();
@@ -47,7 +55,7 @@ static void attend(const float *qv, const float *kb, const float *vb, int64_t kv
             __m512 ws = _mm512_set1_ps(w[s]);
             for (int j = 0; j < 4; j++) {
                 __mmask16 m = first16(D - d0 - 16 * j);
-                acc[j] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(m, vb + s * kv_s + d0 + 16 * j), acc[j]);
+                acc[j] = _mm512_fmadd_ps(ws, load16(vb, s * kv_s + d0 + 16 * j, m, bf16), acc[j]);
             }
         }
         for (int j = 0; j < 4; j++)
@@ -72,7 +80,7 @@ static int cached_attention(const float *qkv, int64_t qkv_b, float *k, float *v,
         float *kb = k + b * kv_b + h * kv_h, *vb = v + b * kv_b + h * kv_h;
         memcpy(kb + at * kv_s, row + C, (size_t)D * sizeof(float));
         memcpy(vb + at * kv_s, row + 2 * C, (size_t)D * sizeof(float));
-        attend(row, kb, vb, kv_s, mask + b * mask_b, scores + bh * S, y + bh * D, S, D, scale);
+        attend(row, kb, vb, kv_s, mask + b * mask_b, scores + bh * S, y + bh * D, S, D, scale, 0);
     }
     free(scores);
     return 0;
