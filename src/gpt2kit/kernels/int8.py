@@ -441,7 +441,7 @@ def int8_attention_block(x: torch.Tensor, c_attn: Int8Linear, c_proj: Int8Linear
     """c_proj(attention(c_attn(x))) for x (B, 1, C) float32, one token per row, in one native call
     (native/int8_rows.c: gpt2kit_int8_attention; the same bits as the three calls): the keys and
     values written into the cache tensors k, v (B, nh, L, hs) at `slot` (int64, one element), each
-    query attending over slots 0..S-1 where `mask` (B or 1, S) allows. Used by
+    query attending over slots 0..S-1 where `mask` (contiguous, B or 1 rows of S) allows. Used by
     one_query_attention.CachedDecodeAttention (~15 us less a block than three calls)."""
     B, _, C = x.shape
     x, a, b = x.contiguous(), c_attn.packed, c_proj.packed

@@ -50,11 +50,13 @@ class CachedDecodeAttention(CausalSelfAttention):
         if not (k.dtype == x.dtype and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
             return super().forward(x, layer, cache, at, mask)
         B, _, C = x.shape
-        S, mask = at.keys.shape[0], mask.reshape(mask.shape[0], -1).contiguous()
-        slot = at.slots.to(torch.int64).contiguous()
-        if x.dtype == torch.float32 and fuses_attention(self.c_attn, self.c_proj, B):  # int8: the products too
-            return self.resid_dropout(int8_attention_block(x, self.c_attn, self.c_proj, self.n_head, k, v, slot, mask, S))
-        qkv = self.c_attn(x).contiguous()  # (B, 1, 3C)
+        S = at.keys.shape[0]
+        mask = mask if mask.is_contiguous() else mask.contiguous()  # (B or 1, 1, 1, S): read as (B or 1, S)
+        slot = at.slots if at.slots.dtype == torch.int64 else at.slots.to(torch.int64)  # one element
+        c_attn, c_proj = self.c_attn, self.c_proj
+        if x.dtype == torch.float32 and fuses_attention(c_attn, c_proj, B):  # int8: the products too
+            return self.resid_dropout(int8_attention_block(x, c_attn, c_proj, self.n_head, k, v, slot, mask, S))
+        qkv = c_attn(x).contiguous()  # (B, 1, 3C)
         y = torch.empty(B, 1, C)  # float32 sums whatever the cache's dtype
         D = C // self.n_head
         attention = (kernels.gpt2kit_cached_attention if x.dtype == torch.float32
@@ -65,7 +67,7 @@ class CachedDecodeAttention(CausalSelfAttention):
             D ** -0.5, torch.get_num_threads())
         if failed:
             raise MemoryError(f"attention: no memory for {B * self.n_head * S} scores")
-        return self.resid_dropout(self.c_proj(y.to(x.dtype)))
+        return self.resid_dropout(c_proj(y.to(x.dtype)))
 
 
 NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what native/attention.c reads
