@@ -57,6 +57,34 @@ def test_masks_keep_bits_exactly_and_zero_the_rest(dtype):
     assert apply_mask(x, keep, inplace=True) is x and torch.equal(x, want)
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_keep_bits_drops_its_share_and_follows_the_global_seed(native, p, monkeypatch):
+    """Both ways of making masks (native/dropout.c's counter-based words, or torch's own): only
+    -1 and 0, the share dropped within 4 standard deviations of p', the same mask for the same
+    global seed (a resumed run's RNG state gives the same masks), another for another seed, and
+    no pattern between neighbouring elements or words."""
+    if native and bf16_training.library("dropout") is None:
+        pytest.skip("no native dropout kernel here (no AVX512 or no C compiler)")
+    if not native:
+        monkeypatch.setattr(bf16_training, "library", lambda name: None)
+    shape = torch.Size([3, 1000, 997])  # not whole vectors or words
+    torch.manual_seed(5)
+    keep, p_drawn = keep_bits(shape, p, CPU)
+    assert keep.dtype == torch.int16 and keep.shape == shape and abs(p_drawn - p) <= 2**-16
+    assert set(keep.unique().tolist()) <= {0, -1}
+    dropped = (keep == 0).double().flatten()
+    sd = (p_drawn * (1 - p_drawn) / dropped.numel()) ** 0.5
+    assert abs(dropped.mean().item() - p_drawn) <= 4 * sd + 1e-12
+    for lag in (1, 4, 32):  # within a word, the next word, the next vector
+        both = (dropped[lag:] * dropped[:-lag]).mean().item()
+        assert abs(both - dropped.mean().item() ** 2) <= 8 * sd + 1e-12
+    torch.manual_seed(5)
+    assert torch.equal(keep_bits(shape, p, CPU)[0], keep)
+    if 0 < p < 1:
+        assert not torch.equal(keep_bits(shape, p, CPU)[0], keep)  # the generator moved on
+
+
 def test_a_probability_rounded_to_one_drops_everything():
     x = torch.randn(5, 8, dtype=BF16, requires_grad=True)
     out = bf16_training.BitsDropout.apply(x, 1 - 2**-17)

@@ -97,8 +97,13 @@ def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_
         target = z.gather(1, yc).float()
         total += (softmax_(z) - target).sum()  # logsumexp - target logit; z is now the softmax
         # d(loss sum)/d(logits) = softmax - one_hot, in the GEMMs' dtype; the 1 / n of the mean
-        # is applied to the (r, C) and (V, C) products, not to the (r, V) logits
-        g = z.scatter_add_(1, yc, torch.full(yc.shape, -1.0, dtype=dtype, device=h.device))
+        # is applied to the (r, C) and (V, C) products, not to the (r, V) logits. The one_hot
+        # through a flat index: a bfloat16 scatter_add_ copied the whole (r, V) block twice (~50
+        # ms a chunk); this reads and writes one element a row, rounded alike.
+        flat = z.view(-1)
+        at = torch.arange(z.shape[0], device=h.device) * z.shape[1] + yc[:, 0]
+        flat[at] = flat[at] - 1
+        g = z
         if grad_h is not None:
             torch.mul(g @ wc, 1.0 / n, out=grad_h[rows])
         if need_w:

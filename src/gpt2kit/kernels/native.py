@@ -62,6 +62,8 @@ LIBRARIES = {
         "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
+    "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
+        "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
     "attention": Library(("_is_avx512_supported",), (), {
         "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [_F, _T],
                                         ctypes.c_int),
