@@ -92,7 +92,14 @@ def test_a_probability_rounded_to_one_drops_everything():
     assert not out.any() and not x.grad.any()
 
 
-def test_attention_without_dropout_is_causal_sdpa():
+@pytest.mark.parametrize("native", [True, False])
+def test_attention_without_dropout_is_causal_sdpa(native, monkeypatch):
+    """Both causal softmaxes (native/causal_softmax.c over rows up to the diagonal, or torch's
+    over the masked scores), forward and backward, against float32 SDPA."""
+    if native and bf16_training.library("causal_softmax") is None:
+        pytest.skip("no native causal softmax here (no AVX512-BF16 or no C compiler)")
+    if not native:
+        monkeypatch.setattr(bf16_training, "_causal_softmax", lambda x: None)
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
     q16, k16, v16 = (t.to(BF16).requires_grad_() for t in (q, k, v))
@@ -104,6 +111,26 @@ def test_attention_without_dropout_is_causal_sdpa():
     for got, ref in ((out, want), (q16.grad, q32.grad), (k16.grad, k32.grad), (v16.grad, v32.grad)):
         assert got.dtype == BF16
         assert (got.float() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_native_causal_softmax_keeps_the_dropout_and_gradients_of_torchs(monkeypatch):
+    """With dropout, the same global seed gives the same masks on both paths, so the outputs and
+    gradients agree to bfloat16's rounding."""
+    if bf16_training.library("causal_softmax") is None:
+        pytest.skip("no native causal softmax here (no AVX512-BF16 or no C compiler)")
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 70, 64, dtype=BF16) for _ in range(3))
+    runs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(bf16_training, "_causal_softmax", lambda x: None)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(9)
+        out = CausalDropoutAttention.apply(*leaves, 0.25)
+        out.float().square().sum().backward()
+        runs.append([out] + [t.grad for t in leaves])
+    for got, ref in zip(*runs):
+        assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
 
 
 def test_softmax_in_place_and_its_logsumexp_in_float32():

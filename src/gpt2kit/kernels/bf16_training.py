@@ -12,8 +12,9 @@ Instead:
 - GELU is the exact erf GELU: 2.1 ms forward, 4.4 backward. GPT-2's tanh form approximates it
   to within 4.7e-4 (largest near x = +-2.7, where a bfloat16 step is 2^-7): below a bfloat16
   step wherever |GELU| >= 1/16, so in bfloat16 the two mostly round alike (a test bounds it);
-- attention scales and masks its scores inside the batched product (baddbmm), keeps the
-  probabilities and the int16 mask, and applies dropout's 1/(1-p) to the (T, hs) output and
+- attention's causal softmax reads each row of scores up to its diagonal only, forward and
+  backward (native/causal_softmax.c; elsewhere the scores are scaled and masked inside the
+  batched product, baddbmm, and torch's softmax runs), keeps the probabilities and the int16 mask, and applies dropout's 1/(1-p) to the (T, hs) output and
   gradient instead of the (T, T) probabilities.
 None of it is bit for bit the plain modules' (float32 training keeps that, in lean_backward).
 """
@@ -102,9 +103,13 @@ class CausalDropoutAttention(torch.autograd.Function):
         B, nh, T, hs = q.shape
         q3, k3, v3 = (t.reshape(B * nh, T, hs) for t in (q, k, v))
         ctx.scale = hs ** -0.5
-        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
-            probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)  # (B*nh, T, T)
+            if (kernels := _causal_softmax(q)) is not None:  # the scores' rows up to the diagonal only
+                probs = torch.bmm(q3, k3.transpose(1, 2))  # (B*nh, T, T)
+                kernels.gpt2kit_causal_softmax(probs.data_ptr(), B * nh * T, T, ctx.scale, torch.get_num_threads())
+            else:
+                causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+                probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)
             keep, p = keep_bits(probs.shape, p, q.device)
             ctx.dropout_scale = kept_scale(p)
             out = torch.bmm(apply_mask(probs, keep), v3).mul_(ctx.dropout_scale)
@@ -124,8 +129,18 @@ class CausalDropoutAttention(torch.autograd.Function):
         grad = grad.reshape(B * nh, T, hs).to(probs.dtype) * ctx.dropout_scale
         grad_v = apply_mask(probs, keep).transpose(1, 2).bmm(grad)
         grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), keep, inplace=True)
-        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        if (kernels := _causal_softmax(probs)) is not None:
+            kernels.gpt2kit_causal_softmax_backward(grad_p.data_ptr(), probs.data_ptr(), B * nh * T, T, 1.0,
+                                                    torch.get_num_threads())
+            grad_s = grad_p
+        else:
+            grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
         del grad_p
         grad_q = grad_s.bmm(k3).mul_(ctx.scale)
         grad_k = grad_s.transpose(1, 2).bmm(q3).mul_(ctx.scale)
         return tuple(g.view(B, nh, T, hs) for g in (grad_q, grad_k, grad_v)) + (None,)
+
+
+def _causal_softmax(x: torch.Tensor):
+    """native/causal_softmax.c for bfloat16 CPU tensors where it is built, else None."""
+    return library("causal_softmax") if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None

@@ -62,6 +62,9 @@ LIBRARIES = {
         "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
+    "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16",), {
+        "gpt2kit_causal_softmax": ([_P, _N, _N, _F, _T], None),
+        "gpt2kit_causal_softmax_backward": ([_P, _P, _N, _N, _F, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
         "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
     "attention": Library(("_is_avx512_supported",), (), {
