@@ -34,7 +34,7 @@ int gpt2kit_one_query_attention(const float *q, int64_t q_b, int64_t q_h, const 
 int gpt2kit_cached_attention(const float *qkv, int64_t qkv_b, float *k, float *v, int64_t kv_b, int64_t kv_h,
                              int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, float *y,
                              int64_t B, int64_t H, int64_t S, int64_t D, float scale, int threads) {
-    return cached_attention(qkv, qkv_b, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, y, B, H, S, D, scale, threads);
+    return cached_attention(qkv, qkv_b, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, y, B, H, S, D, scale, 0, threads);
 }
 
 /* The same for a bfloat16 model: qkv and the cache in bfloat16 (keys and values copied into the
@@ -43,20 +43,5 @@ int gpt2kit_cached_attention_bf16(const uint16_t *qkv, int64_t qkv_b, uint16_t *
                                   int64_t kv_h, int64_t kv_s, const int64_t *slot, const uint8_t *mask,
                                   int64_t mask_b, float *y, int64_t B, int64_t H, int64_t S, int64_t D, float scale,
                                   int threads) {
-    float *scores = malloc((size_t)(B * H * (S + D)) * sizeof(float));
-    if (!scores) return -1;
-    int64_t C = H * D, at = *slot;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        const uint16_t *row = qkv + b * qkv_b + h * D;
-        uint16_t *kb = k + b * kv_b + h * kv_h, *vb = v + b * kv_b + h * kv_h;
-        memcpy(kb + at * kv_s, row + C, (size_t)D * sizeof(uint16_t));
-        memcpy(vb + at * kv_s, row + 2 * C, (size_t)D * sizeof(uint16_t));
-        float *w = scores + bh * (S + D), *q = w + S;  /* the query in float32 after the scores */
-        for (int64_t d = 0; d < D; d += 16) _mm512_mask_storeu_ps(q + d, first16(D - d), load16(row, d, first16(D - d), 1));
-        attend(q, kb, vb, kv_s, mask + b * mask_b, w, y + bh * D, S, D, scale, 1);
-    }
-    free(scores);
-    return 0;
+    return cached_attention(qkv, qkv_b, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, y, B, H, S, D, scale, 1, threads);
 }

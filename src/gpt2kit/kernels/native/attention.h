@@ -63,24 +63,31 @@ static void attend(const float *qv, const void *kb, const void *vb, int64_t kv_s
     }
 }
 
-/* A decode step's whole attention from c_attn's output: qkv[b] (3 * H * D floats, rows qkv_b
-   apart: the queries, keys and values of every head) has its keys and values written into the
-   cache at slot *slot, then each query attends over slots 0..S-1 as above. Each (row, head)
-   writes its own cache rows before reading them, so the threads never share one. */
-static int cached_attention(const float *qkv, int64_t qkv_b, float *k, float *v, int64_t kv_b, int64_t kv_h,
+/* A decode step's whole attention from c_attn's output: qkv[b] (3 * H * D elements, rows qkv_b
+   apart: the queries, keys and values of every head; float32, or bfloat16 if bf16, as the cache)
+   has its keys and values written into the cache at slot *slot, then each query attends over
+   slots 0..S-1 as above, into y (B * H * D floats). Each (row, head) writes its own cache rows
+   before reading them, so the threads never share one. Returns 0, or -1 without scratch memory. */
+static int cached_attention(const void *qkv, int64_t qkv_b, void *k, void *v, int64_t kv_b, int64_t kv_h,
                             int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, float *y,
-                            int64_t B, int64_t H, int64_t S, int64_t D, float scale, int threads) {
-    float *scores = malloc((size_t)(B * H * S) * sizeof(float));
+                            int64_t B, int64_t H, int64_t S, int64_t D, float scale, int bf16, int threads) {
+    int64_t size = bf16 ? 2 : 4, C = H * D, at = *slot, per = S + (bf16 ? D : 0);  /* + a float32 query */
+    float *scores = malloc((size_t)(B * H * per) * sizeof(float));
     if (!scores) return -1;
-    int64_t C = H * D, at = *slot;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
-        const float *row = qkv + b * qkv_b + h * D;
-        float *kb = k + b * kv_b + h * kv_h, *vb = v + b * kv_b + h * kv_h;
-        memcpy(kb + at * kv_s, row + C, (size_t)D * sizeof(float));
-        memcpy(vb + at * kv_s, row + 2 * C, (size_t)D * sizeof(float));
-        attend(row, kb, vb, kv_s, mask + b * mask_b, scores + bh * S, y + bh * D, S, D, scale, 0);
+        const char *row = (const char *)qkv + (b * qkv_b + h * D) * size;
+        char *kb = (char *)k + (b * kv_b + h * kv_h) * size, *vb = (char *)v + (b * kv_b + h * kv_h) * size;
+        memcpy(kb + at * kv_s * size, row + C * size, (size_t)(D * size));
+        memcpy(vb + at * kv_s * size, row + 2 * C * size, (size_t)(D * size));
+        float *w = scores + bh * per;
+        const float *q = (const float *)row;
+        if (bf16) {
+            for (int64_t d = 0; d < D; d += 16) _mm512_mask_storeu_ps(w + S + d, first16(D - d), load16(row, d, first16(D - d), 1));
+            q = w + S;
+        }
+        attend(q, kb, vb, kv_s, mask + b * mask_b, w, y + bh * D, S, D, scale, bf16);
     }
     free(scores);
     return 0;

@@ -217,7 +217,7 @@ int gpt2kit_int8_attention(const float *x, const float *ln_w, const float *ln_b,
     int64_t D = C / H;
     int failed = !qkv || !heads
         || gpt2kit_int8_linear(x, ln_w, ln_b, eps, qkv_w, qkv_wsum, qkv_wscale, qkv_bias, qkv, B, 3 * C, C, 0, threads)
-        || cached_attention(qkv, 3 * C, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, heads, B, H, S, D, scale, threads)
+        || cached_attention(qkv, 3 * C, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, heads, B, H, S, D, scale, 0, threads)
         || gpt2kit_int8_linear(heads, NULL, NULL, 0.0f, proj_w, proj_wsum, proj_wscale, proj_bias, out, B, C, C, 0,
                                threads);
     free(qkv);
