@@ -94,8 +94,9 @@ def add_model_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
                         "quantized too (a scale per token) and multiplied int8 x int8; elsewhere they "
                         "stay in --dtype")
     parser.add_argument("--compile", action="store_true",
-                        help="decode with a torch.compile'd fixed-shape step (CUDA graphs on CUDA): "
-                        "the first generation compiles for up to a minute, later ones run faster")
+                        help="decode with a torch.compile'd fixed-shape step (CUDA graphs on CUDA, where "
+                        "it pays; on CPU the default eager step is as fast): the first generation "
+                        "compiles for up to a minute")
 
 
 def load_options(args: argparse.Namespace) -> dict:
