@@ -4,10 +4,14 @@ compiler, cached on disk, loaded with ctypes, run on torch's own OpenMP threads.
 Why C at all: a batch-1 decode step is 49 products of one row, as fast as the weights stream from
 memory; oneDNN streams them at about half the speed the memory allows, and an int8 product also
 needs ~6 small torch operators quantizing the row (issue 15's profile). One C function per
-product does it all: `int8_rows.c` (int8 x int8, AVX512-VNNI), `f32_rows.c` (float32, AVX512);
-`attention.c` does a decode step's attention of one query per head (SDPA's costs ~20 us a layer).
-(bfloat16 stays on oneDNN: its packed AMX kernels are faster from two rows on, and a plain copy
-beside the packed one for a few rows would double the weights' memory.)
+product does it all (a LayerNorm before and the GELU after included): `int8_rows.c` (int8 x int8,
+AVX512-VNNI rows; AMX tiles for many rows, where oneDNN's GEMM spent ~30 us a call before any
+work; a decode step's int8 MLP and attention block in one call each), `f32_rows.c` (float32,
+AVX512); `attention.c` does a decode step's cache write and attention of one query per head
+(SDPA's costs ~20 us a layer). (bfloat16 weights stay on oneDNN for now: its packed AMX kernels
+are faster from two rows on, and a plain copy beside the packed one would double the weights'
+memory; see docs/DESIGN.md's open work.) Training: `dropout.c` (masks from a counter-based
+generator) and `causal_softmax.c` (bfloat16 attention's softmax up to the diagonal).
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
