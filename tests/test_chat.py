@@ -78,7 +78,7 @@ def test_jinja_file_renders_like_transformers(tmp_path, tok):
     template = template_file(path)
     assert template.name == str(path)
     assert template.render_text(TALK[1:2]) == f"<user>Hi there{EOS_MARK}<assistant>"
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e \".[test]\"); CI installs it")
     tok.save(tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     hf.chat_template = source

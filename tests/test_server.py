@@ -18,7 +18,7 @@ from gpt2kit.server.app import create_app
 from gpt2kit.server.schemas import GENERATION_PARAMS, NOT_SERVED, CompletionRequest
 from gpt2kit.server.settings import ServerConfig
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai", reason="openai is a test dependency (pip install -e \".[test]\"); CI installs it")
 
 MODEL = "tiny-model"
 

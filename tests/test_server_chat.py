@@ -14,7 +14,7 @@ from gpt2kit.chat import BUILTIN
 from gpt2kit.server.app import create_app
 from gpt2kit.server.settings import ServerConfig
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai", reason="openai is a test dependency (pip install -e \".[test]\"); CI installs it")
 
 MODEL = "tiny-chat"
 TALK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

@@ -64,7 +64,7 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
     """tiktoken's gpt2 encoding, from local files (get_encoding("gpt2") would download them)."""
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is a test dependency (pip install -e \".[test]\"); CI installs it")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -85,7 +85,7 @@ def hf_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_gpt2(hf_folder):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e \".[test]\"); CI installs it")
     # from_pretrained, not GPT2TokenizerFast(vocab_file=..., merges_file=...): transformers 5 ignores
     # those two arguments and builds an empty vocabulary, so the size check below guards the oracle.
     hf = transformers.GPT2TokenizerFast.from_pretrained(hf_folder)
