@@ -1,4 +1,5 @@
-"""bfloat16 weights for CPU inference (issue 15, item 3): the packed oneDNN layout in bfloat16,
+"""bfloat16 weights for CPU inference (issue 15, item 3): the AMX tile layout (or oneDNN's packed
+one where the native kernel cannot run) in bfloat16,
 logits close to float32's and returned as float32, every API path working, and the compiled
 decode step agreeing with the eager one."""
 
@@ -30,15 +31,18 @@ def native() -> bool:
     return runtime.cpu_has_bf16()
 
 
-def test_bfloat16_load_runs_the_packed_layout(bf16_model):
+def test_bfloat16_load_runs_the_tiled_or_packed_layout(bf16_model):
     if runtime.cpu_bfloat16() is None:  # oneDNN without bfloat16 kernels: plain nn.Linear
         pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
     module = bf16_model.module
     block = module.transformer.h[0]
+    tiles = packed_linear.bf16_tiles() is not None  # AMX: gpt2kit's kernel and layout, else oneDNN's
     for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, module.lm_head):
-        assert isinstance(linear, PackedLinear) and linear.packed and linear.weight.dtype == torch.bfloat16
+        assert isinstance(linear, PackedLinear) and linear.weight.dtype == torch.bfloat16
+        assert (linear.tiles is not None, linear.packed) == (tiles, not tiles)
     assert block.mlp.c_fc.gelu and isinstance(block.mlp.act, torch.nn.Identity)
-    # The head (in the loop above) is a packed copy: the embedding lookup reads wte as it is.
+    # The head (in the loop above) is a copy: the embedding lookup reads wte as it is.
+    assert module.lm_head.weight.data_ptr() != module.transformer.wte.weight.data_ptr()
     assert module.transformer.wte.weight.dtype == torch.bfloat16
     assert bf16_model.dtype == torch.bfloat16
 
@@ -65,6 +69,19 @@ def test_logits_are_float32_and_close_to_the_float32_model(bf16_model, tiny_mode
     with torch.inference_mode():
         plain_logits = plain(torch.tensor([ids])).float()
     assert (got - plain_logits).abs().max().item() < 0.02 * scale
+
+
+def test_oneDNN_layout_where_the_tiles_cannot_run(tiny_folder, bf16_model, monkeypatch):
+    """No AMX (or no compiler): the oneDNN packed layout, the same text greedily on this tiny model."""
+    if packed_linear.bf16_tiles() is None or runtime.cpu_bfloat16() is None:
+        pytest.skip("the native bfloat16 kernel does not run here: the oneDNN layout is the only one")
+    monkeypatch.setattr(packed_linear, "bf16_tiles", lambda: None)
+    model = gpt2kit.load(tiny_folder, device="cpu", dtype="bfloat16")
+    head = model.module.lm_head
+    assert head.packed and head.tiles is None
+    ids = model.tokenizer.encode(PROMPTS[0])
+    got, want = bf16_model.logits(ids), model.logits(ids)
+    assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
 
 
 def test_generate_stream_complete_and_score_in_bfloat16(bf16_model, tiny_model):

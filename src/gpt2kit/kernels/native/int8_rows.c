@@ -18,10 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "attention.h"
+#include "tiles.h"
 #include "vector_math.h"
 
 /* Bytes ahead of each weight row's reads to prefetch: 16 streams are more than the hardware
@@ -235,12 +234,9 @@ int gpt2kit_int8_attention(const float *x, const float *ln_w, const float *ln_b,
    K, so the group's weights stream from memory once and are re-read from cache by later blocks.
    oneDNN's GEMM spends ~30 us a call before any work at a batch of 8: ~1.4 ms of a GPT-2 124M step. */
 
-#define TILE_BYTES 1024  /* 16 rows of 64 bytes */
-
-/* Linux gives a process AMX's tile registers only once it asks (ARCH_REQ_XCOMP_PERM for
-   XFEATURE_XTILEDATA); 1 if granted (or already). */
+/* 1 if Linux lets this process use the tiles (tiles.h). */
 int gpt2kit_tiles_ready(void) {
-    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return tiles_permitted();
 }
 
 /* w (N, K) int8 into tiles: for each block of 16 rows of w (output columns) and each 64 of K, a
@@ -261,12 +257,6 @@ void gpt2kit_pack_tiles(const int8_t *w, int8_t *tiles, int64_t N, int64_t K, in
         }
 }
 
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-};
-
 /* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, quantized, times the
    packed weight `tiles` (gpt2kit_pack_tiles), scaled, plus bias (or NULL), through GPT-2's GELU if
    `gelu`. Returns 0, or -1 without memory for the quantized activations. */
@@ -285,11 +275,7 @@ int gpt2kit_int8_tiles_linear(const float *x, const float *ln_w, const float *ln
     }
     #pragma omp parallel num_threads(threads)
     {
-        struct tile_config cfg = {0};
-        cfg.palette = 1;
-        for (int t = 0; t < 7; t++) { cfg.rows[t] = 16; cfg.bytes_per_row[t] = 64; }
-        /* inline assembly reading cfg: GCC 12 dropped the stores into a config passed to the builtin */
-        __asm__ volatile("ldtilecfg %0" :: "m"(cfg));
+        configure_tiles();
         int32_t sums[4][16][16];
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
