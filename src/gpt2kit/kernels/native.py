@@ -61,6 +61,7 @@ LIBRARIES = {
         "gpt2kit_int8_mlp": ([_P, _P, _P, _F] + [_P] * 9 + [_N] * 3 + [_T], ctypes.c_int),
         "gpt2kit_int8_attention": ([_P, _P, _P, _F] + [_P] * 6 + [_N] * 3 + [_P, _P, _N] + [_P] * 5 + [_N] * 4 + [_F, _T],
                                    ctypes.c_int),
+        "gpt2kit_int8_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_tiles_ready": ([], ctypes.c_int),  # AMX: called only where the CPU has it
         "gpt2kit_pack_tiles": ([_P, _P, _N, _N, _T], None),
         "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),

@@ -43,16 +43,11 @@ class CachedDecodeAttention(CausalSelfAttention):
         self.train(attn.training)
 
     def forward(self, x, layer, cache, at, mask):
-        if (x.shape[1] != 1 or cache is None or mask is None or self.training or x.dtype not in NATIVE_CACHE_DTYPES
-                or torch.compiler.is_compiling() or (kernels := library("attention")) is None):
+        if (self.training or x.dtype not in NATIVE_CACHE_DTYPES or (step := decode_step(x, layer, cache, at, mask)) is None
+                or (kernels := library("attention")) is None):  # decode_step first: None when compiling
             return super().forward(x, layer, cache, at, mask)
-        k, v = cache.k[layer], cache.v[layer]
-        if not (k.dtype == x.dtype and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
-            return super().forward(x, layer, cache, at, mask)
+        k, v, slot, mask, S = step
         B, _, C = x.shape
-        S = at.keys.shape[0]
-        mask = mask if mask.is_contiguous() else mask.contiguous()  # (B or 1, 1, 1, S): read as (B or 1, S)
-        slot = at.slots if at.slots.dtype == torch.int64 else at.slots.to(torch.int64)  # one element
         c_attn, c_proj = self.c_attn, self.c_proj
         if x.dtype == torch.float32 and fuses_attention(c_attn, c_proj, B):  # int8: the products too
             return self.resid_dropout(int8_attention_block(x, c_attn, c_proj, self.n_head, k, v, slot, mask, S))
@@ -71,6 +66,20 @@ class CachedDecodeAttention(CausalSelfAttention):
 
 
 NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what native/attention.c reads
+
+
+def decode_step(x: torch.Tensor, layer: int, cache, at, mask: torch.Tensor | None) -> tuple | None:
+    """The cache arguments of a native decode step (one token a row of x, eager): (keys, values,
+    slot (int64, one element), mask (contiguous, (B or 1, 1, 1, S)), S), or None where the native
+    kernels do not apply (a prompt, no cache, compiling, a cache of another dtype or layout)."""
+    if x.shape[1] != 1 or cache is None or mask is None or torch.compiler.is_compiling():
+        return None
+    k, v = cache.k[layer], cache.v[layer]
+    if not (k.dtype == x.dtype and k.stride() == v.stride() and k.stride(3) == 1 and at.slots.numel() == 1):
+        return None
+    mask = mask if mask.is_contiguous() else mask.contiguous()  # read as (B or 1, S)
+    slot = at.slots if at.slots.dtype == torch.int64 else at.slots.to(torch.int64)
+    return k, v, slot, mask, at.keys.shape[0]
 
 
 class OneQueryAttention(ScaledDotProduct):

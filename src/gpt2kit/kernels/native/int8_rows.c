@@ -224,6 +224,50 @@ int gpt2kit_int8_attention(const float *x, const float *ln_w, const float *ln_b,
     return failed ? -1 : 0;
 }
 
+/* ---- A decode step's whole block in one call. ---- */
+
+/* One int8 x int8 linear as the row kernel reads it. */
+struct int8_weights {
+    const int8_t *w;
+    const int32_t *wsum;
+    const float *wscale, *bias;
+};
+
+/* What a block's call needs that does not change between steps, filled once by the caller
+   (kernels/int8_block.py): the LayerNorms before attention and MLP, the four products, and the
+   sizes (C model width, H heads, hidden the MLP's width, scale the attention's). */
+struct int8_block {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float ln1_eps, ln2_eps, scale;
+    struct int8_weights c_attn, attn_proj, c_fc, mlp_proj;
+    int64_t C, H, hidden;
+};
+
+/* out (B, C) = y + mlp(norm2(y)) where y = x + attention(norm1(x)), for B (<= 3) rows of one token:
+   gpt2kit_int8_attention and gpt2kit_int8_mlp with the residual sums between, so the same bits as
+   the block's modules. The cache arguments as gpt2kit_int8_attention's. Returns 0, or -1 without
+   scratch memory. */
+int gpt2kit_int8_block(const struct int8_block *b, const float *x, float *out, float *k, float *v, int64_t kv_b,
+                       int64_t kv_h, int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, int64_t B,
+                       int64_t S, int threads) {
+    int64_t n = B * b->C;
+    float *delta = malloc((size_t)n * sizeof(float));
+    const struct int8_weights *qkv = &b->c_attn, *proj = &b->attn_proj, *fc = &b->c_fc, *down = &b->mlp_proj;
+    int failed = !delta
+        || gpt2kit_int8_attention(x, b->ln1_w, b->ln1_b, b->ln1_eps, qkv->w, qkv->wsum, qkv->wscale, qkv->bias, k, v,
+                                  kv_b, kv_h, kv_s, slot, mask, mask_b, proj->w, proj->wsum, proj->wscale, proj->bias,
+                                  delta, B, b->H, S, b->C, b->scale, threads);
+    if (!failed) {
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] + delta[i];
+        failed = gpt2kit_int8_mlp(out, b->ln2_w, b->ln2_b, b->ln2_eps, fc->w, fc->wsum, fc->wscale, fc->bias, down->w,
+                                  down->wsum, down->wscale, down->bias, delta, B, b->C, b->hidden, threads);
+    }
+    if (!failed)
+        for (int64_t i = 0; i < n; i++) out[i] += delta[i];
+    free(delta);
+    return failed ? -1 : 0;
+}
+
 /* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
 
    TDPBSSD multiplies a 16 x 64-byte tile of activations (16 tokens, 64 of K, signed) by a
