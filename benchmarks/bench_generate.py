@@ -11,8 +11,9 @@ Engines (each skipped with a note when its package or binary is missing; `pip in
                         the same with compile=True (one torch.compile'd decode step; its
                         compilation happens in the warm-up run, outside the timing)
   gpt2kit-bf16, gpt2kit-bf16-compile
-                        load(folder, dtype="bfloat16") whatever --dtype says (oneDNN's
-                        bfloat16 kernels, AMX where the CPU has it), and with compile=True
+                        load(folder, dtype="bfloat16") whatever --dtype says (gpt2kit's AMX
+                        tile kernel where the CPU has AMX, oneDNN's bfloat16 kernels
+                        elsewhere), and with compile=True
   ctranslate2, ctranslate2-int8
                         the folder converted by CTranslate2's own `ct2-transformers-converter`,
                         run as float32 and with compute_type int8

@@ -63,3 +63,14 @@ def jokes_csv(tmp_path_factory) -> Path:
 def tiny_model(tiny_folder):
     import gpt2kit
     return gpt2kit.load(tiny_folder, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _library_logger_as_it_was():
+    """The CLI's main(), run in-process by some tests, routes the `gpt2kit` logger to stderr and
+    stops it propagating (cli/messages.py); later tests' caplog would then see nothing."""
+    import logging
+    logger = logging.getLogger("gpt2kit")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

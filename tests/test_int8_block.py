@@ -1,7 +1,7 @@
-"""A decode step's whole int8 block in one native call (kernels/int8_block.py): the same logits and
-cache, bit for bit, as the block's modules, for 1-3 rows with left padding; the plain forward for
-more rows; and the struct of unchanging arguments rebuilt, or given up, when a module of the block
-is replaced."""
+"""A decode step's whole int8 stack of blocks, or each block, in one native call
+(kernels/int8_block.py): the same logits and cache, bit for bit, as the blocks' modules, for 1-3
+rows with left padding; the plain forward for more rows; and the structs of unchanging arguments
+rebuilt, or given up, when a module of a block is replaced."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from gpt2kit.api import keep_gelu_apart, without_dropout
 from gpt2kit.inference.kv_cache import KVCache
 from gpt2kit.kernels import int8_block
-from gpt2kit.kernels.int8_block import Int8DecodeBlock, use_int8_blocks
+from gpt2kit.kernels.int8_block import Int8DecodeBlock, Int8DecodeBlocks, use_int8_blocks
 from gpt2kit.kernels.norm_in_product import fuse_layer_norms, keep_layer_norms_apart
 from gpt2kit.kernels.one_query_attention import use_one_query_attention
-from gpt2kit.model import GPT, Block, ModelConfig, Positions
+from gpt2kit.model import GPT, Block, Blocks, ModelConfig, Positions
 from gpt2kit.quantize import int8_products_available, quantize_int8
 
 pytestmark = pytest.mark.skipif(not int8_products_available() or int8_block.library("int8_rows") is None,
@@ -45,12 +45,17 @@ def decode(model: GPT, rows: int) -> tuple[list[torch.Tensor], KVCache]:
 
 
 def count_calls(monkeypatch) -> list:
+    """(function, rows) of each native call int8_block makes from now on."""
     calls, real = [], int8_block.library("int8_rows")
 
     class Counting:
         def gpt2kit_int8_block(self, *args):
-            calls.append(args[-3])  # the rows
+            calls.append(("block", args[-3]))
             return real.gpt2kit_int8_block(*args)
+
+        def gpt2kit_int8_blocks(self, *args):
+            calls.append(("stack", args[-3]))
+            return real.gpt2kit_int8_blocks(*args)
 
     monkeypatch.setattr(int8_block, "library", lambda name: Counting())
     return calls
@@ -63,14 +68,29 @@ def assert_same_bits(a: tuple, b: tuple) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_one_call_blocks_keep_the_bits(rows, monkeypatch):
+def test_one_call_stack_keeps_the_bits(rows, monkeypatch):
     plain, fused = int8_model(False), int8_model(True)
-    assert all(type(b) is Block for b in plain.transformer.h)
+    assert type(plain.transformer.h) is Blocks and all(type(b) is Block for b in plain.transformer.h)
+    assert type(fused.transformer.h) is Int8DecodeBlocks
     assert all(type(b) is Int8DecodeBlock for b in fused.transformer.h)
     want = decode(plain, rows)
     calls = count_calls(monkeypatch)
     assert_same_bits(decode(fused, rows), want)
-    assert calls == ([rows] * 3 * 2 if rows <= 3 else [])  # 3 steps x 2 layers; 4 rows: the modules
+    assert calls == ([("stack", rows)] * 3 if rows <= 3 else [])  # 3 steps; 4 rows: the modules
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_one_call_blocks_keep_the_bits(rows, monkeypatch):
+    """Each block in one call where the stack cannot take them all: here the last block's MLP
+    has its GELU apart (as a LoRA adapter on c_fc needs)."""
+    plain, fused = int8_model(False), int8_model(True)
+    for model in (plain, fused):
+        last = model.transformer.h[-1]
+        last.mlp.c_fc.gelu, last.mlp.act = False, torch.nn.GELU(approximate="tanh")
+    want = decode(plain, rows)
+    calls = count_calls(monkeypatch)
+    assert_same_bits(decode(fused, rows), want)
+    assert calls == [("block", rows)] * 3  # the first block, in each of 3 steps
 
 
 def test_replaced_modules_are_seen(monkeypatch):
@@ -87,16 +107,19 @@ def test_replaced_modules_are_seen(monkeypatch):
     model = int8_model(True)
     calls = count_calls(monkeypatch)
     decode(model, 2)
-    assert len(calls) == 6
-    keep_gelu_apart(model)  # after the struct was made
+    assert len(calls) == 3
+    keep_gelu_apart(model)  # after the structs were made
     decode(model, 2)
-    assert len(calls) == 6
+    assert len(calls) == 3
 
 
 def test_load_uses_them_for_eager_int8_only(tiny_folder):
     import gpt2kit
 
-    assert all(type(b) is Int8DecodeBlock for b in gpt2kit.load(tiny_folder, device="cpu", quantize="int8").module.transformer.h)
-    assert all(type(b) is Block for b in gpt2kit.load(tiny_folder, device="cpu").module.transformer.h)
-    compiled = gpt2kit.load(tiny_folder, device="cpu", quantize="int8", compile=True)
-    assert all(type(b) is Block for b in compiled.module.transformer.h)
+    def stack(**options):
+        return gpt2kit.load(tiny_folder, device="cpu", **options).module.transformer.h
+
+    assert type(stack(quantize="int8")) is Int8DecodeBlocks
+    assert all(type(b) is Int8DecodeBlock for b in stack(quantize="int8"))
+    for plain in (stack(), stack(quantize="int8", compile=True)):
+        assert type(plain) is Blocks and all(type(b) is Block for b in plain)

@@ -123,6 +123,19 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Blocks(nn.ModuleList):
+    """The stack of blocks, each one's output the next one's input (a module of its own so that a
+    fast path can take the whole stack: kernels/int8_block.py)."""
+
+    def forward(self, x, cache: KVCache | None, at: Positions | None, mask, inputs: list | None = None):
+        """x after every block; each block's input appended to `inputs` if given."""
+        for i, block in enumerate(self):
+            if inputs is not None:
+                inputs.append(x)
+            x = block(x, i, cache, at, mask)
+        return x
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -131,7 +144,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.n_positions, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            h=Blocks(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -170,10 +183,7 @@ class GPT(nn.Module):
         mask = None if at is None else at.mask()
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         inputs = []
-        for i, block in enumerate(self.transformer.h):
-            if keep_inputs:
-                inputs.append(x)
-            x = block(x, i, cache, at, mask)
+        x = self.transformer.h(x, cache, at, mask, inputs if keep_inputs else None)
         return self.transformer.ln_f(x), inputs
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, at: Positions | None = None,

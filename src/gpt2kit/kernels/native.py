@@ -6,12 +6,12 @@ memory; oneDNN streams them at about half the speed the memory allows, and an in
 needs ~6 small torch operators quantizing the row (issue 15's profile). One C function per
 product does it all (a LayerNorm before and the GELU after included): `int8_rows.c` (int8 x int8,
 AVX512-VNNI rows; AMX tiles for many rows, where oneDNN's GEMM spent ~30 us a call before any
-work; a decode step's int8 MLP and attention block in one call each), `f32_rows.c` (float32,
-AVX512); `attention.c` does a decode step's cache write and attention of one query per head
-(SDPA's costs ~20 us a layer). (bfloat16 weights stay on oneDNN for now: its packed AMX kernels
-are faster from two rows on, and a plain copy beside the packed one would double the weights'
-memory; see docs/DESIGN.md's open work.) Training: `dropout.c` (masks from a counter-based
-generator) and `causal_softmax.c` (bfloat16 attention's softmax up to the diagonal).
+work; a decode step's whole int8 block in one call), `f32_rows.c` (float32, AVX512),
+`bf16_tiles.c` (bfloat16 on AMX tiles for any number of rows: ~1.9x oneDNN's packed kernels at
+decode); `attention.c` does a decode step's cache write and attention of one query per head
+(SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
+Training: `dropout.c` (masks from a counter-based generator) and `causal_softmax.c` (bfloat16
+attention's softmax up to the diagonal).
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
@@ -62,6 +62,7 @@ LIBRARIES = {
         "gpt2kit_int8_attention": ([_P, _P, _P, _F] + [_P] * 6 + [_N] * 3 + [_P, _P, _N] + [_P] * 5 + [_N] * 4 + [_F, _T],
                                    ctypes.c_int),
         "gpt2kit_int8_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
+        "gpt2kit_int8_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_tiles_ready": ([], ctypes.c_int),  # AMX: called only where the CPU has it
         "gpt2kit_pack_tiles": ([_P, _P, _N, _N, _T], None),
         "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),

@@ -245,8 +245,8 @@ struct int8_block {
 
 /* out (B, C) = y + mlp(norm2(y)) where y = x + attention(norm1(x)), for B (<= 3) rows of one token:
    gpt2kit_int8_attention and gpt2kit_int8_mlp with the residual sums between, so the same bits as
-   the block's modules. The cache arguments as gpt2kit_int8_attention's. Returns 0, or -1 without
-   scratch memory. */
+   the block's modules. The cache arguments as gpt2kit_int8_attention's. out may be x (each sum
+   reads x[i] just before writing out[i]). Returns 0, or -1 without scratch memory. */
 int gpt2kit_int8_block(const struct int8_block *b, const float *x, float *out, float *k, float *v, int64_t kv_b,
                        int64_t kv_h, int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, int64_t B,
                        int64_t S, int threads) {
@@ -266,6 +266,18 @@ int gpt2kit_int8_block(const struct int8_block *b, const float *x, float *out, f
         for (int64_t i = 0; i < n; i++) out[i] += delta[i];
     free(delta);
     return failed ? -1 : 0;
+}
+
+/* A decode step through L blocks in one call: gpt2kit_int8_block for each in turn, block l reading
+   the cache tensors k[l], v[l] (all laid out alike), the first reading x, the others (in place) out. */
+int gpt2kit_int8_blocks(const struct int8_block *blocks, int64_t L, const float *x, float *out, float *const *k,
+                        float *const *v, int64_t kv_b, int64_t kv_h, int64_t kv_s, const int64_t *slot,
+                        const uint8_t *mask, int64_t mask_b, int64_t B, int64_t S, int threads) {
+    for (int64_t l = 0; l < L; l++)
+        if (gpt2kit_int8_block(&blocks[l], l ? out : x, out, k[l], v[l], kv_b, kv_h, kv_s, slot, mask, mask_b, B, S,
+                               threads))
+            return -1;
+    return 0;
 }
 
 /* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
