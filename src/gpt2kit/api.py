@@ -20,8 +20,8 @@ from .inference.generate import Completion, generate_events
 from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.compiled_decode import CompiledDecoder
+from .kernels.decode_blocks import use_decode_blocks
 from .kernels.int8 import Int8Linear
-from .kernels.int8_block import use_int8_blocks
 from .kernels.norm_in_product import fuse_layer_norms, keep_layer_norms_apart
 from .kernels.one_query_attention import use_one_query_attention
 from .kernels.packed_linear import PackedLinear, prepare_for_inference
@@ -56,8 +56,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     without_dropout(loaded.model)
     if not compile:
         fuse_layer_norms(loaded.model)
-        if quantize == "int8":
-            use_int8_blocks(loaded.model)
+        use_decode_blocks(loaded.model)
     decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()

@@ -125,7 +125,7 @@ class Block(nn.Module):
 
 class Blocks(nn.ModuleList):
     """The stack of blocks, each one's output the next one's input (a module of its own so that a
-    fast path can take the whole stack: kernels/int8_block.py)."""
+    fast path can take the whole stack: kernels/decode_blocks.py)."""
 
     def forward(self, x, cache: KVCache | None, at: Positions | None, mask, inputs: list | None = None):
         """x after every block; each block's input appended to `inputs` if given."""

@@ -72,7 +72,9 @@ LIBRARIES = {
         "gpt2kit_pack_bf16_tiles": ([_P, _P, _N, _N, _T], None),
         "gpt2kit_bf16_tiles_linear": ([_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
     "f32_rows": Library(("_is_avx512_supported",), (), {
-        "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
+        "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
+        "gpt2kit_f32_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
+        "gpt2kit_f32_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int)}),
     "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16",), {
         "gpt2kit_causal_softmax": ([_P, _N, _N, _F, _T], None),
         "gpt2kit_causal_softmax_backward": ([_P, _P, _N, _N, _F, _T], None)}),

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "attention.h"
 #include "vector_math.h"
 
 /* Bytes ahead of each weight row's reads to prefetch (one thread, GPT-2 124M's products: a few
@@ -80,5 +81,62 @@ int gpt2kit_f32_rows(const float *x, const float *ln_w, const float *ln_b, float
         }
     }
     free(owned);
+    return 0;
+}
+
+/* ---- A decode step's whole block in one call (kernels/decode_blocks.py). ---- */
+
+struct f32_weights {
+    const float *w, *bias;
+};
+
+/* What a block's call needs that does not change between steps, filled once by the caller: the
+   LayerNorms before attention and MLP, the four products, and the sizes (C model width, H heads,
+   hidden the MLP's width, scale the attention's). */
+struct f32_block {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float ln1_eps, ln2_eps, scale;
+    struct f32_weights c_attn, attn_proj, c_fc, mlp_proj;
+    int64_t C, H, hidden;
+};
+
+/* out (B, C) = y + mlp(norm2(y)) where y = x + attention(norm1(x)), for B (<= 8) rows of one token:
+   the products as gpt2kit_f32_rows computes them, the cache write and attention as
+   gpt2kit_cached_attention (attention.h), so the same bits as the block's modules. k, v (B, H, L,
+   D) with strides kv_b, kv_h, kv_s; the new keys and values go to slot *slot, each query attends
+   over slots 0..S-1 where mask (B or 1 rows of S, mask_b apart) allows. out may be x. Returns 0,
+   or -1 without scratch memory. */
+int gpt2kit_f32_block(const struct f32_block *b, const float *x, float *out, float *k, float *v, int64_t kv_b,
+                      int64_t kv_h, int64_t kv_s, const int64_t *slot, const uint8_t *mask, int64_t mask_b, int64_t B,
+                      int64_t S, int threads) {
+    int64_t C = b->C, n = B * C;
+    float *qkv = malloc((size_t)(3 * n) * sizeof(float)), *heads = malloc((size_t)n * sizeof(float)),
+          *delta = malloc((size_t)n * sizeof(float)), *h = malloc((size_t)(B * b->hidden) * sizeof(float));
+    int failed = !qkv || !heads || !delta || !h
+        || gpt2kit_f32_rows(x, b->ln1_w, b->ln1_b, b->ln1_eps, b->c_attn.w, b->c_attn.bias, qkv, B, 3 * C, C, 0, threads)
+        || cached_attention(qkv, 3 * C, k, v, kv_b, kv_h, kv_s, slot, mask, mask_b, heads, B, b->H, S, C / b->H,
+                            b->scale, 0, threads)
+        || gpt2kit_f32_rows(heads, NULL, NULL, 0.0f, b->attn_proj.w, b->attn_proj.bias, delta, B, C, C, 0, threads);
+    if (!failed) {
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] + delta[i];
+        failed = gpt2kit_f32_rows(out, b->ln2_w, b->ln2_b, b->ln2_eps, b->c_fc.w, b->c_fc.bias, h, B, b->hidden, C, 1,
+                                  threads)
+            || gpt2kit_f32_rows(h, NULL, NULL, 0.0f, b->mlp_proj.w, b->mlp_proj.bias, delta, B, C, b->hidden, 0, threads);
+    }
+    if (!failed)
+        for (int64_t i = 0; i < n; i++) out[i] += delta[i];
+    free(qkv); free(heads); free(delta); free(h);
+    return failed ? -1 : 0;
+}
+
+/* A decode step through L blocks in one call: gpt2kit_f32_block for each in turn, block l reading
+   the cache tensors k[l], v[l] (all laid out alike), the first reading x, the others (in place) out. */
+int gpt2kit_f32_blocks(const struct f32_block *blocks, int64_t L, const float *x, float *out, float *const *k,
+                       float *const *v, int64_t kv_b, int64_t kv_h, int64_t kv_s, const int64_t *slot,
+                       const uint8_t *mask, int64_t mask_b, int64_t B, int64_t S, int threads) {
+    for (int64_t l = 0; l < L; l++)
+        if (gpt2kit_f32_block(&blocks[l], l ? out : x, out, k[l], v[l], kv_b, kv_h, kv_s, slot, mask, mask_b, B, S,
+                              threads))
+            return -1;
     return 0;
 }

@@ -234,7 +234,7 @@ struct int8_weights {
 };
 
 /* What a block's call needs that does not change between steps, filled once by the caller
-   (kernels/int8_block.py): the LayerNorms before attention and MLP, the four products, and the
+   (kernels/decode_blocks.py): the LayerNorms before attention and MLP, the four products, and the
    sizes (C model width, H heads, hidden the MLP's width, scale the attention's). */
 struct int8_block {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
