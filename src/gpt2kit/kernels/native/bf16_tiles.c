@@ -26,23 +26,10 @@ int gpt2kit_bf16_tiles_ready(void) {
     return tiles_permitted();
 }
 
-/* w (N, K) bfloat16 into tiles: for each block of 16 rows of w (output columns) and each 32 of K, a
-   tile whose row r holds w[n][32 kb + 2r] and w[n][32 kb + 2r + 1] for its 16 columns n,
-   zero-padded at the edges; the blocks of K of one column block contiguous. `tiles`:
+/* w (N, K) bfloat16 into tiles (tiles.h: a pair of K a column in each tile row, 32 of K a tile):
    ceil(N / 16) * ceil(K / 32) * 512 elements. */
 void gpt2kit_pack_bf16_tiles(const uint16_t *w, uint16_t *tiles, int64_t N, int64_t K, int threads) {
-    int64_t NB = (N + 15) / 16, KB = (K + 31) / 32;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t nb = 0; nb < NB; nb++)
-        for (int64_t kb = 0; kb < KB; kb++) {
-            uint16_t *t = tiles + (nb * KB + kb) * TILE_ELEMENTS;
-            for (int r = 0; r < 16; r++)
-                for (int n = 0; n < 16; n++)
-                    for (int j = 0; j < 2; j++) {
-                        int64_t row = nb * 16 + n, col = kb * 32 + 2 * r + j;
-                        t[r * 32 + n * 2 + j] = row < N && col < K ? w[row * K + col] : 0;
-                    }
-        }
+    pack_tiles((const uint8_t *)w, (uint8_t *)tiles, N, K, 2, threads);
 }
 
 /* x (M, K) as rows of Kp >= K elements, zero beyond K, and Mp >= M rows, zero beyond M: x itself

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "attention.h"
+#include "decode_stack.h"
 #include "vector_math.h"
 
 /* Bytes ahead of each weight row's reads to prefetch (one thread, GPT-2 124M's products: a few
@@ -129,14 +130,5 @@ int gpt2kit_f32_block(const struct f32_block *b, const float *x, float *out, flo
     return failed ? -1 : 0;
 }
 
-/* A decode step through L blocks in one call: gpt2kit_f32_block for each in turn, block l reading
-   the cache tensors k[l], v[l] (all laid out alike), the first reading x, the others (in place) out. */
-int gpt2kit_f32_blocks(const struct f32_block *blocks, int64_t L, const float *x, float *out, float *const *k,
-                       float *const *v, int64_t kv_b, int64_t kv_h, int64_t kv_s, const int64_t *slot,
-                       const uint8_t *mask, int64_t mask_b, int64_t B, int64_t S, int threads) {
-    for (int64_t l = 0; l < L; l++)
-        if (gpt2kit_f32_block(&blocks[l], l ? out : x, out, k[l], v[l], kv_b, kv_h, kv_s, slot, mask, mask_b, B, S,
-                              threads))
-            return -1;
-    return 0;
-}
+/* gpt2kit_f32_blocks: the stack of blocks in one call (decode_stack.h). */
+DECODE_STACK(gpt2kit_f32_blocks, f32_block, gpt2kit_f32_block)

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "decode_stack.h"
 #include "tiles.h"
 #include "vector_math.h"
 
@@ -268,17 +269,8 @@ int gpt2kit_int8_block(const struct int8_block *b, const float *x, float *out, f
     return failed ? -1 : 0;
 }
 
-/* A decode step through L blocks in one call: gpt2kit_int8_block for each in turn, block l reading
-   the cache tensors k[l], v[l] (all laid out alike), the first reading x, the others (in place) out. */
-int gpt2kit_int8_blocks(const struct int8_block *blocks, int64_t L, const float *x, float *out, float *const *k,
-                        float *const *v, int64_t kv_b, int64_t kv_h, int64_t kv_s, const int64_t *slot,
-                        const uint8_t *mask, int64_t mask_b, int64_t B, int64_t S, int threads) {
-    for (int64_t l = 0; l < L; l++)
-        if (gpt2kit_int8_block(&blocks[l], l ? out : x, out, k[l], v[l], kv_b, kv_h, kv_s, slot, mask, mask_b, B, S,
-                               threads))
-            return -1;
-    return 0;
-}
+/* gpt2kit_int8_blocks: the stack of blocks in one call (decode_stack.h). */
+DECODE_STACK(gpt2kit_int8_blocks, int8_block, gpt2kit_int8_block)
 
 /* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
 
@@ -295,22 +287,10 @@ int gpt2kit_tiles_ready(void) {
     return tiles_permitted();
 }
 
-/* w (N, K) int8 into tiles: for each block of 16 rows of w (output columns) and each 64 of K, a
-   tile whose row r holds w[n][64 kb + 4r .. + 3] for its 16 columns n, zero-padded at the edges;
-   the blocks of K of one column block contiguous. `tiles`: ceil(N / 16) * ceil(K / 64) * 1024 bytes. */
+/* w (N, K) int8 into tiles (tiles.h: 4 bytes of K a column in each tile row, 64 of K a tile):
+   ceil(N / 16) * ceil(K / 64) * 1024 bytes. */
 void gpt2kit_pack_tiles(const int8_t *w, int8_t *tiles, int64_t N, int64_t K, int threads) {
-    int64_t NB = (N + 15) / 16, KB = (K + 63) / 64;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t nb = 0; nb < NB; nb++)
-        for (int64_t kb = 0; kb < KB; kb++) {
-            int8_t *t = tiles + (nb * KB + kb) * TILE_BYTES;
-            for (int r = 0; r < 16; r++)
-                for (int n = 0; n < 16; n++)
-                    for (int j = 0; j < 4; j++) {
-                        int64_t row = nb * 16 + n, col = kb * 64 + 4 * r + j;
-                        t[r * 64 + n * 4 + j] = row < N && col < K ? w[row * K + col] : 0;
-                    }
-        }
+    pack_tiles((const uint8_t *)w, (uint8_t *)tiles, N, K, 1, threads);
 }
 
 /* out (M, N) = x (M, K), through a LayerNorm first if ln_w is not NULL, quantized, times the
