@@ -19,6 +19,7 @@ from .inference.adapters import AdapterRows, MultiLoraLinear
 from .inference.generate import Completion, generate_events
 from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
+from .kernels.argmax import fast_argmax
 from .kernels.compiled_decode import CompiledDecoder
 from .kernels.decode_blocks import use_decode_blocks
 from .kernels.int8 import Int8Linear
@@ -57,7 +58,7 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     if not compile:
         fuse_layer_norms(loaded.model)
         use_decode_blocks(loaded.model)
-    decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model)
+    decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model, fast_argmax)
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
     model = Model(loaded, tokenizer, n_params, quantize, decoder)

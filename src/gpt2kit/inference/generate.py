@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -160,7 +160,7 @@ def step(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
 def take_tokens(batch: RunningBatch[Row], tokenizer: Tokenizer) -> list[Event]:
     """Choose each row's next token, apply the stop rules, and let finished rows leave."""
     rows = list(batch.rows)
-    tokens = _choose(batch.logits, rows, tokenizer.eos_id)
+    tokens = _choose(batch.logits, rows, tokenizer.eos_id, batch.decoder.argmax)
     events = []
     for r, row in enumerate(rows):
         events += [Event(row.index, text, done, _new_logprobs(row))
@@ -188,27 +188,27 @@ def _new_logprobs(row: Row) -> list[TokenLogprob] | None:
     return new
 
 
-def _choose(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:
+def _choose(logits: torch.Tensor, rows: list[Row], eos_id: int, argmax: Callable) -> torch.Tensor:
     """Next token for each row (B,): rows with the same sampling settings are processed together."""
     logits = _token_rules(logits, rows, eos_id)
     groups: dict[tuple, list[int]] = {}
     for r, row in enumerate(rows):
         groups.setdefault(sampling.settings_key(row.cfg), []).append(r)
     if len(groups) == 1:
-        return _choose_group(logits, rows)
+        return _choose_group(logits, rows, argmax)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     for members in groups.values():
         index = torch.tensor(members, device=logits.device)
-        tokens[index] = _choose_group(logits[index], [rows[r] for r in members])
+        tokens[index] = _choose_group(logits[index], [rows[r] for r in members], argmax)
     return tokens
 
 
-def _choose_group(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+def _choose_group(logits: torch.Tensor, rows: list[Row], argmax: Callable) -> torch.Tensor:
     cfg = rows[0].cfg
     seen = counts = None
     if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
         seen, counts = _history(rows, logits)
-    return sampling.choose(logits, cfg, [row.generator for row in rows], seen, counts)
+    return sampling.choose(logits, cfg, [row.generator for row in rows], seen, counts, argmax)
 
 
 def _token_rules(logits: torch.Tensor, rows: list[Row], eos_id: int) -> torch.Tensor:

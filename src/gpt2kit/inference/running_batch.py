@@ -21,7 +21,7 @@ its positions count from 0 after them, as for any left-padded batch (model.Posit
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Generic, Protocol, Sequence, TypeVar
+from typing import Callable, ContextManager, Generic, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -29,6 +29,7 @@ from ..model import GPT, Positions
 from .adapters import BASE, AdapterRows
 from .kv_cache import KVCache
 from .prefix_cache import PrefixCache
+from .sampling import greedy
 
 R = TypeVar("R")
 
@@ -44,12 +45,17 @@ class Decoder(Protocol):
         """Next-token logits (len(tokens), V) float32 after feeding one token per live row
         (rows 0..len(tokens)-1 of the cache) at slot `start`; `pads` is each row's padding."""
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's index of its largest logit, for the sampling chain (sampling.greedy's index)."""
+
 
 class EagerDecoder:
-    """The model's forward as it is, over the live rows and the written slots only."""
+    """The model's forward as it is, over the live rows and the written slots only; `argmax`:
+    sampling.greedy, or a fast path's (the API gives CPU models kernels/argmax.py's)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
+        self.argmax = argmax or greedy
 
     def new_cache(self, capacity: int, max_len: int | None) -> KVCache:
         return KVCache.for_model(self.model, capacity, max_len)

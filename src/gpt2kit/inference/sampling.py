@@ -12,6 +12,8 @@ else is in the batch. Temperature 0 means greedy decoding.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..config import GenerationConfig
@@ -139,13 +141,16 @@ def process(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | No
 
 
 def choose(logits: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator],
-           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token per row (B,) from raw logits (B, V)."""
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Next token per row (B,) from raw logits (B, V). `argmax` finds each row's largest value
+    (default `greedy`; a fast path may bring its own, the same index)."""
     logits = process(logits, cfg, seen, counts)
-    return greedy(logits) if cfg.greedy else sample(logits, generators)
+    return (argmax or greedy)(logits) if cfg.greedy else sample(logits, generators, argmax)
 
 
-def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def sample(logits: torch.Tensor, generators: list[torch.Generator],
+           argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Draw one token per row (B,) from softmax(logits), row i using generators[i] alone.
 
     Uses the exponential-race form (argmax of p / E, E ~ Exp(1)), which equals a categorical draw
@@ -155,7 +160,7 @@ def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Ten
     noise = torch.empty_like(probs)
     for row, g in enumerate(generators):
         noise[row].exponential_(generator=g)
-    return greedy(probs / noise)
+    return (argmax or greedy)(probs / noise)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 from ..errors import DeviceError
 from ..inference.kv_cache import KVCache
 from ..model import GPT, Positions
+from .argmax import fast_argmax
 from .compile_log import compiling
 from .one_query_attention import use_one_query_attention
 from .packed_linear import PackedLinear
@@ -48,6 +49,7 @@ class CompiledDecoder:
 
     def __init__(self, model: GPT):
         self.model = model
+        self.argmax = fast_argmax  # the sampling chain's (running_batch.Decoder)
         self.cuda = model.transformer.wpe.weight.device.type == "cuda"
         use_one_query_attention(model)  # CPU only
         # PackedLinear's oneDNN op compiles only with its weight frozen into the graph as a

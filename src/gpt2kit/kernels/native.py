@@ -8,7 +8,7 @@ product does it all (a LayerNorm before and the GELU after included): `int8_rows
 AVX512-VNNI rows; AMX tiles for many rows, where oneDNN's GEMM spent ~30 us a call before any
 work; a decode step's whole int8 block in one call), `f32_rows.c` (float32, AVX512),
 `bf16_tiles.c` (bfloat16 on AMX tiles for any number of rows: ~1.9x oneDNN's packed kernels at
-decode); `attention.c` does a decode step's cache write and attention of one query per head
+decode); `argmax.c` takes the greedy choice over a row of logits; `attention.c` does a decode step's cache write and attention of one query per head
 (SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
 Training: `dropout.c` (masks from a counter-based generator) and `causal_softmax.c` (bfloat16
 attention's softmax up to the diagonal).
@@ -80,6 +80,8 @@ LIBRARIES = {
         "gpt2kit_causal_softmax_backward": ([_P, _P, _N, _N, _F, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
         "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
+    "argmax": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_argmax_rows": ([_P, _N, _N, _N, _P], None)}),
     "attention": Library(("_is_avx512_supported",), (), {
         "gpt2kit_one_query_attention": ([_P, _N, _N, _P, _P, _N, _N, _N, _P, _N, _P] + [_N] * 4 + [_F, _T],
                                         ctypes.c_int),
