@@ -21,8 +21,9 @@ from .inference.running_batch import Decoder, EagerDecoder
 from .inference.scoring import Scores, perplexity  # noqa: F401 (perplexity: public, for callers aggregating Scores)
 from .kernels.argmax import fast_argmax
 from .kernels.compiled_decode import CompiledDecoder
-from .kernels.decode_blocks import use_decode_blocks
+from .kernels.decode_blocks import DecodeBlocks, use_decode_blocks
 from .kernels.int8 import Int8Linear
+from .kernels.native_decode import NativeDecoder
 from .kernels.norm_in_product import fuse_layer_norms, keep_layer_norms_apart
 from .kernels.one_query_attention import use_one_query_attention
 from .kernels.packed_linear import PackedLinear, prepare_for_inference
@@ -58,7 +59,8 @@ def load(spec: str | Path, device: str = "auto", dtype: str | torch.dtype = "aut
     if not compile:
         fuse_layer_norms(loaded.model)
         use_decode_blocks(loaded.model)
-    decoder = CompiledDecoder(loaded.model) if compile else EagerDecoder(loaded.model, fast_argmax)
+    decoder = (CompiledDecoder(loaded.model) if compile else NativeDecoder(loaded.model, fast_argmax)
+               if isinstance(loaded.model.transformer.h, DecodeBlocks) else EagerDecoder(loaded.model, fast_argmax))
     tokenizer = loaded.load_tokenizer()
     release_free_heap()
     model = Model(loaded, tokenizer, n_params, quantize, decoder)

@@ -61,6 +61,7 @@ class Kind:
     library: str
     block: str  # one block's call
     stack: str  # the stack's
+    step: str  # the stack's from token ids (native_decode.py)
     max_rows: int
     weights: type
     struct: type
@@ -72,9 +73,11 @@ class Kind:
         return _F32Weights(linear.weight.data_ptr(), _pointer(linear.bias))
 
 
-INT8 = Kind("int8_rows", "gpt2kit_int8_block", "gpt2kit_int8_blocks", int8.NATIVE_MAX_ROWS, _Int8Weights,
+INT8 = Kind("int8_rows", "gpt2kit_int8_block", "gpt2kit_int8_blocks", "gpt2kit_int8_step", int8.NATIVE_MAX_ROWS,
+            _Int8Weights,
             _block_struct("_Int8Block", _Int8Weights))
-F32 = Kind("f32_rows", "gpt2kit_f32_block", "gpt2kit_f32_blocks", packed_linear.NATIVE_MAX_ROWS, _F32Weights,
+F32 = Kind("f32_rows", "gpt2kit_f32_block", "gpt2kit_f32_blocks", "gpt2kit_f32_step", packed_linear.NATIVE_MAX_ROWS,
+           _F32Weights,
            _block_struct("_F32Block", _F32Weights))
 
 
@@ -103,17 +106,15 @@ class DecodeBlocks(Blocks):
     def forward(self, x, cache, at, mask, inputs: list | None = None):
         if (inputs is not None or x.dtype != torch.float32 or self.training
                 or (step := decode_step(x, 0, cache, at, mask)) is None or (kind_array := self._structs()) is None
-                or x.shape[0] > kind_array[0].max_rows or not _alike(cache, step[0], len(kind_array[1]))):
+                or x.shape[0] > kind_array[0].max_rows or (cached := cache_arguments(cache, len(kind_array[1]))) is None):
             return super().forward(x, cache, at, mask, inputs)
-        (k, _, slot, mask, S), (kind, array) = step, kind_array
+        (_, _, slot, mask, S), (kind, array), (k, v, strides) = step, kind_array, cached
         x = x.contiguous()
         out = torch.empty_like(x)
-        pointers = ctypes.c_void_p * len(array)
-        _note(kind, self[0])
+        note_path(kind, self[0])
         failed = getattr(library(kind.library), kind.stack)(
-            array, len(array), x.data_ptr(), out.data_ptr(), pointers(*[t.data_ptr() for t in cache.k]),
-            pointers(*[t.data_ptr() for t in cache.v]), k.stride(0), k.stride(1), k.stride(2), slot.data_ptr(),
-            mask.data_ptr(), S if mask.shape[0] > 1 else 0, x.shape[0], S, torch.get_num_threads())
+            array, len(array), x.data_ptr(), out.data_ptr(), k, v, *strides, slot.data_ptr(), mask.data_ptr(),
+            S if mask.shape[0] > 1 else 0, x.shape[0], S, torch.get_num_threads())
         if failed:
             raise MemoryError(f"decode blocks: no memory for {x.shape[0] * array[0].hidden} hidden values")
         return out
@@ -150,7 +151,7 @@ class DecodeBlock(Block):
         (k, v, slot, mask, S), (kind, struct) = step, gathered
         x = x.contiguous()
         out = torch.empty_like(x)
-        _note(kind, self)
+        note_path(kind, self)
         failed = getattr(library(kind.library), kind.block)(
             ctypes.byref(struct), x.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
             k.stride(2), slot.data_ptr(), mask.data_ptr(), S if mask.shape[0] > 1 else 0, x.shape[0], S,
@@ -203,16 +204,24 @@ def _norm(ln: nn.Module, linear: nn.Module) -> nn.LayerNorm | None | bool:
     return linear.norm if type(ln) is nn.Identity else False
 
 
-def _alike(cache, k: torch.Tensor, layers: int) -> bool:
-    """Whether the cache has a key and a value tensor for every layer, all laid out as k."""
+def cache_arguments(cache, layers: int) -> tuple | None:
+    """(the keys' and the values' pointers, C arrays of one a layer; their (kv_b, kv_h, kv_s)
+    strides) for a float32 cache with a key and a value tensor for each of `layers` layers, all laid
+    out alike, each vector contiguous; None for any other."""
     tensors = cache.k + cache.v
-    return len(tensors) == 2 * layers and all(t.stride() == k.stride() and t.dtype == k.dtype for t in tensors)
+    k = tensors[0]
+    if (len(tensors) != 2 * layers or k.dtype != torch.float32 or k.stride(3) != 1
+            or not all(t.stride() == k.stride() and t.dtype == k.dtype for t in tensors)):
+        return None
+    pointers = ctypes.c_void_p * layers
+    return pointers(*[t.data_ptr() for t in cache.k]), pointers(*[t.data_ptr() for t in cache.v]), k.stride()[:3]
 
 
 def _pointer(bias: torch.Tensor | None) -> int | None:
     return None if bias is None else bias.data_ptr()
 
 
-def _note(kind: Kind, block: Block) -> None:
+def note_path(kind: Kind, block: Block) -> None:
+    """Record the native path for reports (int8 only: Int8Products.last, the latest product's)."""
     if kind is INT8:  # Int8Products.last: the path the latest product took
         block.attn.c_attn.products.last = int8.NATIVE_ROWS

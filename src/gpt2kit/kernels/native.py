@@ -63,6 +63,7 @@ LIBRARIES = {
                                    ctypes.c_int),
         "gpt2kit_int8_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_int8_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
+        "gpt2kit_int8_step": ([_P, _N] + [_P] * 8 + [_N] * 5 + [_T], ctypes.c_int),
         "gpt2kit_tiles_ready": ([], ctypes.c_int),  # AMX: called only where the CPU has it
         "gpt2kit_pack_tiles": ([_P, _P, _N, _N, _T], None),
         "gpt2kit_int8_tiles_linear": ([_P, _P, _P, _F] + [_P] * 4 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int)}),
@@ -74,7 +75,8 @@ LIBRARIES = {
     "f32_rows": Library(("_is_avx512_supported",), (), {
         "gpt2kit_f32_rows": ([_P, _P, _P, _F] + [_P] * 3 + [_N] * 3 + [ctypes.c_int, _T], ctypes.c_int),
         "gpt2kit_f32_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
-        "gpt2kit_f32_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int)}),
+        "gpt2kit_f32_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
+        "gpt2kit_f32_step": ([_P, _N] + [_P] * 8 + [_N] * 5 + [_T], ctypes.c_int)}),
     "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16",), {
         "gpt2kit_causal_softmax": ([_P, _N, _N, _F, _T], None),
         "gpt2kit_causal_softmax_backward": ([_P, _P, _N, _N, _F, _T], None)}),

@@ -132,3 +132,6 @@ int gpt2kit_f32_block(const struct f32_block *b, const float *x, float *out, flo
 
 /* gpt2kit_f32_blocks: the stack of blocks in one call (decode_stack.h). */
 DECODE_STACK(gpt2kit_f32_blocks, f32_block, gpt2kit_f32_block)
+
+/* gpt2kit_f32_step: a decode step from token ids through the stack (decode_stack.h). */
+DECODE_STEP(gpt2kit_f32_step, f32_block, gpt2kit_f32_blocks)

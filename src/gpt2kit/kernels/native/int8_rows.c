@@ -272,6 +272,9 @@ int gpt2kit_int8_block(const struct int8_block *b, const float *x, float *out, f
 /* gpt2kit_int8_blocks: the stack of blocks in one call (decode_stack.h). */
 DECODE_STACK(gpt2kit_int8_blocks, int8_block, gpt2kit_int8_block)
 
+/* gpt2kit_int8_step: a decode step from token ids through the stack (decode_stack.h). */
+DECODE_STEP(gpt2kit_int8_step, int8_block, gpt2kit_int8_blocks)
+
 /* ---- Many rows on AMX (batches, prompts): int8 x int8 tiles. ----
 
    TDPBSSD multiplies a 16 x 64-byte tile of activations (16 tokens, 64 of K, signed) by a
