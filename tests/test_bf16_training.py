@@ -16,7 +16,6 @@ from safetensors import safe_open
 from gpt2kit import runtime
 from gpt2kit.config import ModelConfig
 from gpt2kit.data.prepare import DataConfig
-from gpt2kit.kernels import bf16_training
 from gpt2kit.kernels.bf16_training import BitsDropout, CausalDropoutAttention, keep_bits
 from gpt2kit.kernels.fused_loss import HeadCrossEntropy
 from gpt2kit.model import GPT
@@ -110,22 +109,17 @@ def test_fast_dropout_scales_what_it_keeps_and_its_gradient_matches(dtype):
     assert torch.equal(x.grad, keep.to(dtype) * (1 / (1 - p)))
 
 
-def test_bfloat16_attention_with_dropout_matches_float32_with_the_same_mask(monkeypatch):
+def test_bfloat16_attention_with_dropout_matches_float32_with_the_same_mask():
     torch.manual_seed(2)
     B, nh, T, hs = 2, 3, 24, 16
     q, k, v = (torch.randn(B, nh, T, hs) for _ in range(3))
-    drawn = []
-    real = keep_bits
-
-    def remembered(shape, p, device):
-        drawn.append(real(shape, p, device))
-        return drawn[-1]
-    monkeypatch.setattr(bf16_training, "keep_bits", remembered)
     q16, k16, v16 = (t.to(BF16).requires_grad_() for t in (q, k, v))
+    state = torch.get_rng_state()
     with torch.autocast("cpu", dtype=BF16):
         out = CausalDropoutAttention.apply(q16, k16, v16, 0.2)
         out.float().square().sum().backward()  # the backward under autocast, as finetune runs it
-    (keep, p), = drawn
+    torch.set_rng_state(state)  # the mask either path drew (the native softmax draws keep_bits' mask inline)
+    keep, p = keep_bits((B * nh, T, T), 0.2, torch.device("cpu"))
     keep = (keep == -1).view(B, nh, T, T)
     q32, k32, v32 = (t.clone().requires_grad_() for t in (q, k, v))
     probs = (q32 @ k32.transpose(-2, -1) / hs**0.5).masked_fill(

@@ -133,6 +133,27 @@ def test_native_causal_softmax_keeps_the_dropout_and_gradients_of_torchs(monkeyp
         assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
 
 
+@pytest.mark.parametrize("T", [64, 37])  # rows of whole mask words, and rows starting mid-word
+def test_native_softmax_draws_keep_bits_mask_inline(T):
+    """The kept probabilities the native softmax writes are exactly the probabilities under the
+    mask keep_bits draws for the same seed; the probabilities themselves are those of a call
+    without dropout."""
+    kernels, dropout = bf16_training.library("causal_softmax"), bf16_training.library("dropout")
+    if kernels is None or dropout is None:
+        pytest.skip("no native causal softmax here (no AVX512-BF16 or no C compiler)")
+    torch.manual_seed(6)
+    scores = torch.randn(5 * T, T).to(BF16)
+    probs, plain, kept = scores.clone(), scores.clone(), torch.empty_like(scores)
+    threshold, p = bf16_training.mask_threshold(0.3)
+    kernels.gpt2kit_causal_softmax(probs.data_ptr(), kept.data_ptr(), 5 * T, T, 0.125, 1234, threshold, 2)
+    kernels.gpt2kit_causal_softmax(plain.data_ptr(), None, 5 * T, T, 0.125, 0, 0, 2)
+    keep = torch.empty(scores.shape, dtype=torch.int16)
+    dropout.gpt2kit_keep_bits(keep.data_ptr(), keep.numel(), 1234, threshold, 2)
+    assert torch.equal(probs, plain) and torch.equal(kept, apply_mask(probs, keep))
+    causal = torch.ones(T, T, dtype=torch.bool).tril().repeat(5, 1)
+    assert 0.25 < 1 - (kept != 0)[causal].float().mean() < 0.35
+
+
 def test_softmax_in_place_and_its_logsumexp_in_float32():
     torch.manual_seed(4)
     z = (torch.randn(21, 333) * 4).to(BF16)

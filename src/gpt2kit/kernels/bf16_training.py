@@ -13,9 +13,10 @@ Instead:
   to within 4.7e-4 (largest near x = +-2.7, where a bfloat16 step is 2^-7): below a bfloat16
   step wherever |GELU| >= 1/16, so in bfloat16 the two mostly round alike (a test bounds it);
 - attention's causal softmax reads each row of scores up to its diagonal only, forward and
-  backward (native/causal_softmax.c; elsewhere the scores are scaled and masked inside the
-  batched product, baddbmm, and torch's softmax runs), keeps the probabilities and the int16 mask, and applies dropout's 1/(1-p) to the (T, hs) output and
-  gradient instead of the (T, T) probabilities.
+  backward, and applies the dropout mask as it writes the probabilities, drawing it inline
+  (native/causal_softmax.c; elsewhere the scores are scaled and masked inside the batched
+  product, baddbmm, torch's softmax runs and a keep_bits mask is kept); either way dropout's
+  1/(1-p) goes to the (T, hs) output and gradient instead of the (T, T) probabilities.
 None of it is bit for bit the plain modules' (float32 training keeps that, in lean_backward).
 """
 
@@ -34,24 +35,34 @@ LANE_BITS = 15  # random bits per mask element: p is rounded to a multiple of 1/
 def keep_bits(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """(int16 mask of `shape`, -1 (all bits set) with probability 1 - p' and 0 otherwise, the
     dropout probability p' it draws): p rounded to a multiple of 1/32768. Each element is one
-    16-bit lane of 64-bit random words (on CPUs with AVX512, native/dropout.c's counter-based
+    16-bit lane of 64-bit random words (on CPUs with AVX512, native/counter_rng.h's counter-based
     generator seeded from the global one; else the global generator's own words: seeded and
     checkpointed like any other draw either way), shifted to 15 uniform bits r; kept where r >= the threshold, i.e. where
     (threshold - 1 - r) is negative, whose arithmetic shift by 15 is -1. No step overflows int16."""
     n = math.prod(shape)
-    dropped = round(p * 2**LANE_BITS)
-    threshold = dropped - 2**(LANE_BITS - 1)  # r is uniform over -16384..16383
+    threshold, p = mask_threshold(p)
     if device.type == "cpu" and (kernels := library("dropout")) is not None:
-        # the same lanes and arithmetic in one parallel native pass, the words from a counter-based
-        # generator seeded by one draw from the global one (native/dropout.c): torch's random_
-        # filled them on one thread, ~12% of a step at 8 x 1024 tokens
-        seed = torch.empty((), dtype=torch.int64).random_(-2**63, None).item() % 2**64
+        # the same lanes and arithmetic in one parallel native pass: torch's random_ filled the
+        # words on one thread, ~12% of a step at 8 x 1024 tokens
         keep = torch.empty(shape, dtype=torch.int16)
-        kernels.gpt2kit_keep_bits(keep.data_ptr(), n, seed, threshold, torch.get_num_threads())
-        return keep, dropped / 2**LANE_BITS
+        kernels.gpt2kit_keep_bits(keep.data_ptr(), n, native_seed(), threshold, torch.get_num_threads())
+        return keep, p
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
     r = words.view(torch.int16)[:n].view(shape).bitwise_right_shift(1)
-    return torch.sub(threshold - 1, r).bitwise_right_shift_(LANE_BITS), dropped / 2**LANE_BITS
+    return torch.sub(threshold - 1, r).bitwise_right_shift_(LANE_BITS), p
+
+
+def mask_threshold(p: float) -> tuple[int, float]:
+    """(the threshold a mask lane is kept from, over -16384..16383; the dropout probability p' it
+    draws): p rounded to a multiple of 1/32768."""
+    dropped = round(p * 2**LANE_BITS)
+    return dropped - 2**(LANE_BITS - 1), dropped / 2**LANE_BITS
+
+
+def native_seed() -> int:
+    """The native generator's seed (native/counter_rng.h): one draw from the global generator, so
+    the masks follow its (checkpointed) state."""
+    return torch.empty((), dtype=torch.int64).random_(-2**63, None).item() % 2**64
 
 
 def apply_mask(x: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -94,9 +105,12 @@ class BitsDropout(torch.autograd.Function):
 
 class CausalDropoutAttention(torch.autograd.Function):
     """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the probabilities, for q, k, v
-    (B, nh, T, hs), computed in their dtype (bfloat16 under autocast): the scores made with
-    their scale and causal mask in one batched product, the probabilities and the int16 mask
-    kept for the backward pass, which runs the products autograd would run."""
+    (B, nh, T, hs), computed in their dtype (bfloat16 under autocast), keeping the probabilities
+    and what dropout kept of them for the backward pass, which runs the products autograd would
+    run. With native/causal_softmax.c: the scores' rows up to the diagonal only, the dropout mask
+    drawn inside the softmax (the same mask keep_bits draws for that seed), never stored; else the
+    scores made with their scale and causal mask in one batched product, torch's softmax, and a
+    keep_bits mask."""
 
     @staticmethod
     def forward(ctx, q, k, v, p: float):
@@ -104,16 +118,23 @@ class CausalDropoutAttention(torch.autograd.Function):
         q3, k3, v3 = (t.reshape(B * nh, T, hs) for t in (q, k, v))
         ctx.scale = hs ** -0.5
         with torch.autocast(q.device.type, enabled=False):  # q's dtype throughout
-            if (kernels := _causal_softmax(q)) is not None:  # the scores' rows up to the diagonal only
+            kernels = ctx.native = _causal_softmax(q)
+            if kernels is not None:
                 probs = torch.bmm(q3, k3.transpose(1, 2))  # (B*nh, T, T)
-                kernels.gpt2kit_causal_softmax(probs.data_ptr(), B * nh * T, T, ctx.scale, torch.get_num_threads())
+                threshold, p = mask_threshold(p)
+                seed = native_seed()  # drawn even for p = 0, as keep_bits does: the generator moves alike
+                mask = torch.empty_like(probs) if p > 0 else None  # the kept probabilities
+                kernels.gpt2kit_causal_softmax(probs.data_ptr(), None if mask is None else mask.data_ptr(), B * nh * T,
+                                               T, ctx.scale, seed, threshold, torch.get_num_threads())
+                kept = probs if mask is None else mask
             else:
                 causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
                 probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)
-            keep, p = keep_bits(probs.shape, p, q.device)
+                mask, p = keep_bits(probs.shape, p, q.device)
+                kept = apply_mask(probs, mask)
             ctx.dropout_scale = kept_scale(p)
-            out = torch.bmm(apply_mask(probs, keep), v3).mul_(ctx.dropout_scale)
-        ctx.save_for_backward(q3, k3, v3, probs, keep)
+            out = torch.bmm(kept, v3).mul_(ctx.dropout_scale)
+        ctx.save_for_backward(q3, k3, v3, probs, mask)
         return out.view(B, nh, T, hs)
 
     @staticmethod
@@ -124,18 +145,20 @@ class CausalDropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def gradients(ctx, grad):
-        q3, k3, v3, probs, keep = ctx.saved_tensors
+        q3, k3, v3, probs, mask = ctx.saved_tensors
         B, nh, T, hs = grad.shape
         grad = grad.reshape(B * nh, T, hs).to(probs.dtype) * ctx.dropout_scale
-        grad_v = apply_mask(probs, keep).transpose(1, 2).bmm(grad)
-        grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), keep, inplace=True)
-        if (kernels := _causal_softmax(probs)) is not None:
-            kernels.gpt2kit_causal_softmax_backward(grad_p.data_ptr(), probs.data_ptr(), B * nh * T, T, 1.0,
-                                                    torch.get_num_threads())
-            grad_s = grad_p
-        else:
+        if ctx.native is not None:  # mask: the kept probabilities, or None (nothing dropped)
+            grad_v = (probs if mask is None else mask).transpose(1, 2).bmm(grad)
+            grad_s = grad.bmm(v3.transpose(1, 2))
+            ctx.native.gpt2kit_causal_softmax_backward(grad_s.data_ptr(), probs.data_ptr(),
+                                                       None if mask is None else mask.data_ptr(), B * nh * T, T, 1.0,
+                                                       torch.get_num_threads())
+        else:  # mask: keep_bits'
+            grad_v = apply_mask(probs, mask).transpose(1, 2).bmm(grad)
+            grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), mask, inplace=True)
             grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
-        del grad_p
+            del grad_p
         grad_q = grad_s.bmm(k3).mul_(ctx.scale)
         grad_k = grad_s.transpose(1, 2).bmm(q3).mul_(ctx.scale)
         return tuple(g.view(B, nh, T, hs) for g in (grad_q, grad_k, grad_v)) + (None,)

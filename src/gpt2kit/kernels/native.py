@@ -10,8 +10,8 @@ work; a decode step's whole int8 block in one call), `f32_rows.c` (float32, AVX5
 `bf16_tiles.c` (bfloat16 on AMX tiles for any number of rows: ~1.9x oneDNN's packed kernels at
 decode); `argmax.c` takes the greedy choice over a row of logits; `attention.c` does a decode step's cache write and attention of one query per head
 (SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
-Training: `dropout.c` (masks from a counter-based generator) and `causal_softmax.c` (bfloat16
-attention's softmax up to the diagonal).
+Training: `dropout.c` (masks from a counter-based generator, `counter_rng.h`) and `causal_softmax.c`
+(bfloat16 attention's softmax up to the diagonal, with its dropout).
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
@@ -77,9 +77,9 @@ LIBRARIES = {
         "gpt2kit_f32_block": ([_P, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_f32_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_f32_step": ([_P, _N] + [_P] * 8 + [_N] * 5 + [_T], ctypes.c_int)}),
-    "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16",), {
-        "gpt2kit_causal_softmax": ([_P, _N, _N, _F, _T], None),
-        "gpt2kit_causal_softmax_backward": ([_P, _P, _N, _N, _F, _T], None)}),
+    "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16", "-mavx512dq"), {
+        "gpt2kit_causal_softmax": ([_P, _P, _N, _N, _F, ctypes.c_uint64, ctypes.c_int16, _T], None),
+        "gpt2kit_causal_softmax_backward": ([_P, _P, _P, _N, _N, _F, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
         "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
     "argmax": Library(("_is_avx512_supported",), (), {
