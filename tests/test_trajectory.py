@@ -103,7 +103,11 @@ def test_losses_learning_rates_and_gradient_norms_match_the_oracle_at_every_step
     for step, (record, loss, norm) in enumerate(zip(records, losses, norms, strict=True)):
         assert record["lr"] == pytest.approx(oracle_lr(step), rel=1e-12), step
         assert record["loss"] == pytest.approx(loss, abs=2e-5), step
-        assert record["grad_norm"] == pytest.approx(norm, rel=1e-4), step
+        # gpt2kit's norm is one native float64-accumulated pass (kernels/grad_clip.py), torch's a norm
+        # of per-tensor float32 norms: the first step's differ by ~2e-6 (gpt2kit's the nearer to an
+        # exact sum), which these few high-rate steps amplify to a few 1e-4 (with torch's norm fed to
+        # the same folded step, they agree to ~1e-6 again)
+        assert record["grad_norm"] == pytest.approx(norm, rel=5e-4), step
     assert losses[-1] < losses[0] - 0.1  # the steps did something for the comparison to mean anything
 
 

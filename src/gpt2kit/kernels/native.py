@@ -82,6 +82,8 @@ LIBRARIES = {
         "gpt2kit_causal_softmax_backward": ([_P, _P, _P, _N, _N, _F, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
         "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
+    "grad_norm": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_sum_squares": ([_P, _P, _N, _T], ctypes.c_double)}),
     "argmax": Library(("_is_avx512_supported",), (), {
         "gpt2kit_argmax_rows": ([_P, _N, _N, _N, _P], None)}),
     "attention": Library(("_is_avx512_supported",), (), {

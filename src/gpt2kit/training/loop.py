@@ -35,6 +35,7 @@ from ..checkpoints import save_hf
 from ..data.prepare import DataConfig
 from ..errors import Gpt2kitError, Stopped
 from ..inference.scoring import evaluate_blocks
+from ..kernels import grad_clip
 from ..lora import LoraConfig, merge_lora, save_adapter
 from ..model import GPT
 from ..runtime import autocast, resolve_device
@@ -191,13 +192,19 @@ def optimizer_step(plan: Plan, parts: Parts, state: State) -> tuple[float, float
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, plan.cfg.grad_clip or math.inf))
+    max_norm = plan.cfg.grad_clip or math.inf
+    # fused AdamW on CPU, whole gradients (one process or DDP's replicas, not FSDP's shards): the
+    # clipping folded into the step (kernels/grad_clip.py)
+    folded = scaler is None and grad_clip.folds_into_step(optimizer, params)
+    norm = grad_clip.total_norm(params) if folded else float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if scaler is None and not math.isfinite(norm):
         raise TrainingDiverged(norm, state.step + 1, parts.run.last_good(state.last_checkpoint),
                                what="gradient norm is")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
+    elif folded:
+        grad_clip.clipped_step(optimizer, norm, max_norm)
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
