@@ -6,7 +6,8 @@
 
 One training step = forward, float32 cross-entropy, backward, gradient clipping, AdamW step (the
 same optimizer and parameter groups for both engines, train_setup.make_optimizer: fused AdamW, as
-transformers' Trainer also defaults to; dropout 0.1, GPT-2's). gpt2kit runs its training loss,
+transformers' Trainer also defaults to; dropout 0.1, GPT-2's; gpt2kit clips as finetune does,
+on CPU inside the fused step: kernels/grad_clip.py). gpt2kit runs its training loss,
 training.objective.NextTokenLoss (the LM head fused with the cross-entropy), on the model as `finetune` sets it
 up by default (lean_backward.save_less_for_backward; under bfloat16 on CPU also the process's
 heap, training.setup.heap_for_training); transformers runs
@@ -84,6 +85,7 @@ def build(engine: str, folder: str, device):
 def worker(args) -> dict:
     import torch
 
+    from gpt2kit.kernels import grad_clip
     from gpt2kit.kernels.heap import freed_memory_held
     from gpt2kit.runtime import autocast
     from gpt2kit.training.config import TrainConfig
@@ -105,8 +107,11 @@ def worker(args) -> dict:
         with autocast(device, half):
             loss = compute_loss(x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        if args.worker.startswith("gpt2kit") and grad_clip.folds_into_step(optimizer, params):
+            grad_clip.clipped_step(optimizer, grad_clip.total_norm(params), 1.0)  # as finetune clips
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates gradients and AdamW state
