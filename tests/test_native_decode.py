@@ -93,6 +93,11 @@ def test_what_does_not_fit_runs_the_models_forward(kind, monkeypatch):
     native.model.train(), plain.model.train()
     assert_same_bits(decode(native, 1, False), decode(plain, 1, False))
     native.model.eval(), plain.model.eval()
+    native.model.transformer.drop = torch.nn.Dropout(0.5).train()  # only the embeddings' dropout on
+    torch.manual_seed(0)
+    dropped, _ = decode(native, 1, False)
+    assert not torch.equal(dropped[0], decode(plain, 1, False)[0][0])
+    native.model.transformer.drop = torch.nn.Identity()
     assert calls == []
 
     with pytest.raises(IndexError):  # a token outside the vocabulary: the embedding's own error

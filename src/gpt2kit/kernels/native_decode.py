@@ -42,7 +42,7 @@ class NativeDecoder(EagerDecoder):
         stack = model.transformer.h
         kind_array = stack._structs() if arguments is not None else None
         cached = self._cache_arguments(cache, len(kind_array[1])) if kind_array is not None else None
-        if cached is None or B > kind_array[0].max_rows:
+        if cached is None or not 0 < B <= kind_array[0].max_rows:
             return super().__call__(cache, tokens, start, pads)
         (kind, array), (k, v, strides) = kind_array, cached
         ids = torch.tensor(tokens)
@@ -72,7 +72,7 @@ class NativeDecoder(EagerDecoder):
         t = model.transformer
         wte, wpe, stack = t.wte, t.wpe, t.h
         if (type(model) is not GPT or model.training or type(stack) is not DecodeBlocks or start >= wpe.num_embeddings
-                or type(t.drop) not in (nn.Identity, nn.Dropout) or _hooked(model, t, wte, wpe, t.drop, stack)
+                or not _identity(t.drop) or _hooked(model, t, wte, wpe, t.drop, stack)
                 or type(wpe) is not nn.Embedding or wpe.weight.dtype != torch.float32 or not wpe.weight.is_contiguous()
                 or not wte.weight.is_contiguous()
                 or not all(0 <= token < wte.weight.shape[0] for token in tokens)):
@@ -82,6 +82,12 @@ class NativeDecoder(EagerDecoder):
         if type(wte) is nn.Embedding and wte.weight.dtype == torch.float32:
             return wte.weight.data_ptr(), None, wpe.weight.data_ptr()
         return None
+
+
+def _identity(drop: nn.Module) -> bool:
+    """Whether the embeddings' dropout leaves them as they are: an identity, or a dropout that is
+    off (eval mode, or p = 0)."""
+    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and (not drop.training or drop.p == 0))
 
 
 def _hooked(*modules: nn.Module) -> bool:
