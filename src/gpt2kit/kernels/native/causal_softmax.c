@@ -29,6 +29,23 @@ static inline void store_bf16(uint16_t *p, __mmask16 m, __m512 x) {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+/* The largest of scale * x[0..n-1] (bfloat16) in *top, and the sum of their exps less it, in
+   float32 (the exps are made again by the caller, cheaper than keeping a float32 row). */
+static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *top) {
+    __m512 big = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 m = first16(n - j);
+        big = _mm512_mask_max_ps(big, m, big, _mm512_mul_ps(load_bf16(x + j, m), sc));
+    }
+    *top = _mm512_reduce_max_ps(big);
+    __m512 mx = _mm512_set1_ps(*top), total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 m = first16(n - j);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(x + j, m), sc), mx))));
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
 /* s (R, T) bfloat16 scores of blocks of T rows (row r is query r % T): each row r replaced by
    softmax(scale * s[r, 0..t]) over t = r % T and zeros beyond. If `kept` is not NULL, it (R, T)
    gets the same probabilities where counter_rng.h's mask for `seed` and `threshold` keeps them, 0
@@ -39,17 +56,8 @@ void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, f
     for (int64_t r = 0; r < R; r++) {
         uint16_t *row = s + r * T;
         int64_t n = r % T + 1;
-        __m512 top = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
-        for (int64_t j = 0; j < n; j += 16) {
-            __mmask16 m = first16(n - j);
-            top = _mm512_mask_max_ps(top, m, top, _mm512_mul_ps(load_bf16(row + j, m), sc));
-        }
-        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {  /* the exps summed here, made again below (cheaper than a float32 row) */
-            __mmask16 m = first16(n - j);
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(row + j, m), sc), mx))));
-        }
-        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        float top, total = exp_sum(row, n, scale, &top);
+        __m512 mx = _mm512_set1_ps(top), sc = _mm512_set1_ps(scale), inv = _mm512_set1_ps(1.0f / total);
         for (int64_t j = 0; j < T; j += 16) {
             __mmask16 live = first16(n - j), all = first16(T - j);
             __m512 p = _mm512_maskz_mov_ps(live, _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(row + j, live), sc), mx)), inv));
@@ -57,6 +65,23 @@ void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, f
             if (kept)
                 store_bf16(kept + r * T + j, all, _mm512_maskz_mov_ps(live ? kept16(seed, r * T + j, threshold) : 0, p));
         }
+    }
+}
+
+/* z (R, N) bfloat16 logits, each row replaced by its softmax, and lse[r] = its logsumexp in
+   float32: the fused LM head's loss (kernels/fused_loss.py: softmax_), where torch took a float32
+   copy of each block of rows and five more passes over it (~10% of a 4 x 256 training step). */
+void gpt2kit_softmax_rows(uint16_t *z, float *lse, int64_t R, int64_t N, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < R; r++) {
+        uint16_t *row = z + r * N;
+        float top, total = exp_sum(row, N, 1.0f, &top);
+        __m512 mx = _mm512_set1_ps(top), inv = _mm512_set1_ps(1.0f / total);
+        for (int64_t j = 0; j < N; j += 16) {
+            __mmask16 m = first16(N - j);
+            store_bf16(row + j, m, _mm512_mul_ps(exp16(_mm512_sub_ps(load_bf16(row + j, m), mx)), inv));
+        }
+        lse[r] = logf(total) + top;
     }
 }
 
