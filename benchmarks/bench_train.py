@@ -71,13 +71,14 @@ def build(engine: str, folder: str, device):
         return hf, lambda x: F.cross_entropy(hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1),
                                              x[:, 1:].flatten())
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.kernels.lean_backward import save_less_for_backward
+    from gpt2kit.kernels.lean_backward import save_less_for_backward, sparse_embedding_gradient
     from gpt2kit.lora import LoraConfig, apply_lora
     from gpt2kit.training.objective import NextTokenLoss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
     save_less_for_backward(model)  # as training/setup.py's load_for_training does for every run
+    sparse_embedding_gradient(model)  # and wrap_objective for one process
     loss = NextTokenLoss(model)
     return model.train(), torch.compile(loss) if engine == "gpt2kit-compile" else loss
 

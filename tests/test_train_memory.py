@@ -142,7 +142,7 @@ def test_the_fast_paths_are_module_swaps_keeping_names_parameters_and_mode():
     checkpoint_blocks(model)
     save_less_for_backward(model)
     shown = str(model)
-    for name in ("CheckpointedBlock", "LeanScaledDotProduct", "LeanGeluLinear", "LeanDropout"):
+    for name in ("CheckpointedBlock", "LeanScaledDotProduct", "LeanGeluLinear", "LeanLinear", "LeanDropout"):
         assert name in shown, name
     assert "GELU" not in shown and "(drop): LeanDropout" in shown
     assert list(model.state_dict()) == keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .bf16_products import mm
 from .native import library
 
 LOSS_CHUNK = 512  # rows of logits at a time in float32: 103 MB at GPT-2's vocabulary
@@ -95,7 +96,7 @@ def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, n, LOW_PRECISION_CHUNK):
         rows, yc = slice(start, start + LOW_PRECISION_CHUNK), targets[start:start + LOW_PRECISION_CHUNK, None]
-        z = hc[rows] @ wc.t()  # (r, V) logits
+        z = mm(hc[rows], wc.t())  # (r, V) logits
         target = z.gather(1, yc).float()
         total += (softmax_(z) - target).sum()  # logsumexp - target logit; z is now the softmax
         # d(loss sum)/d(logits) = softmax - one_hot, in the GEMMs' dtype; the 1 / n of the mean
@@ -107,9 +108,9 @@ def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_
         flat[at] = flat[at] - 1
         g = z
         if grad_h is not None:
-            torch.mul(g @ wc, 1.0 / n, out=grad_h[rows])
+            torch.mul(mm(g, wc), 1.0 / n, out=grad_h[rows])
         if need_w:
-            part = g.t() @ hc[rows]  # (V, C)
+            part = mm(g.t(), hc[rows])  # (V, C)
             grad_w = part.float() if grad_w is None else grad_w.add_(part)
         del z, g
     return total, grad_h, grad_w

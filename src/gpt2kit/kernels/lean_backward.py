@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT, ScaledDotProduct
-from . import bf16_training
+from . import bf16_products, bf16_training
 
 
 def save_less_for_backward(model: GPT) -> None:
@@ -37,6 +37,9 @@ def save_less_for_backward(model: GPT) -> None:
       block less. (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
     - dropout (every nn.Dropout, LoRA's too -> LeanDropout): the noise is kept as a bool mask,
       not float32: 2.4 MB per use less.
+    - the other linears (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc` -> LeanLinear): F.linear in
+      float32; under bfloat16 autocast their products cut as kernels/bf16_products.py cuts them
+      (as LeanGeluLinear's are): ~12% of a bfloat16 step of GPT-2 124M at 4 x 256 tokens.
     GPT-2 124M, 4 x 256 tokens, dropout 0.1: 1,236 -> 784 MB saved for the backward pass, peak
     RSS of the benchmark's step 3,490 -> ~3,070 MB; the step time unchanged within the noise of
     interleaved runs (benchmarks/RESULTS.md). Evaluation, sampling and autocast run the plain
@@ -50,10 +53,25 @@ def save_less_for_backward(model: GPT) -> None:
         if _is_tanh_gelu(mlp.act) and type(mlp.c_proj) is nn.Linear:
             mlp.act = nn.Identity().train(mlp.act.training)
             mlp.c_proj = LeanGeluLinear(mlp.c_proj)
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (mlp, "c_fc")):
+            if type(getattr(parent, name)) is nn.Linear:
+                setattr(parent, name, LeanLinear(getattr(parent, name)))
     for name, module in list(model.named_modules()):
         if type(module) is nn.Dropout:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, LeanDropout(module))
+
+
+def sparse_embedding_gradient(model: GPT) -> None:
+    """The token embedding's own gradient as the rows its tokens use (a sparse tensor), which
+    autograd adds into the tied LM head's dense one: the dense embedding gradient was a zero-filled
+    copy of the whole (V, C) table each step, then added to the head's (GPT-2 124M at 4 x 256
+    tokens: ~45 ms of a ~0.85 s bfloat16 step). For one process only: DDP all-reduces gradients as
+    dense buckets. Only while the head is tied to the embedding, so the sum autograd stores is
+    dense (the optimizers take dense gradients)."""
+    wte = model.transformer.wte
+    if type(wte) is nn.Embedding and model.lm_head.weight is wte.weight:
+        wte.sparse = True
 
 
 def _is_tanh_gelu(act: nn.Module) -> bool:
@@ -71,6 +89,14 @@ def fast_path(x: torch.Tensor) -> bool:
     """Training under autocast on CPU (bfloat16): no bitwise reference to keep, and bernoulli_,
     bool masks and the tanh GELU are slow there (kernels/bf16_training.py)."""
     return torch.is_grad_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, with its products cut as kernels/bf16_products.py cuts them when training under
+    bfloat16 autocast on CPU."""
+    if fast_path(x) and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return bf16_products.Linear.apply(x, w, b)
+    return F.linear(x, w, b)
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -185,11 +211,25 @@ class LeanGeluLinear(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, 4C) -> (B, T, C)
         if lean_path(h):
             return GeluLinear.apply(h, self.weight, self.bias)
-        return F.linear(bf16_training.gelu(h) if fast_path(h) else gelu(h), self.weight, self.bias)
+        return linear(bf16_training.gelu(h) if fast_path(h) else gelu(h), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, gelu='tanh' on its input")
+
+
+class LeanLinear(nn.Linear):
+    """nn.Linear holding the replaced one's Parameters (the same state-dict keys) whose products,
+    training under bfloat16 autocast on CPU, run as kernels/bf16_products.py cuts them."""
+
+    def __init__(self, plain: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = plain.in_features, plain.out_features
+        self.weight, self.bias = plain.weight, plain.bias
+        self.train(plain.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class GeluLinear(torch.autograd.Function):

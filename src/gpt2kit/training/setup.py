@@ -24,7 +24,7 @@ from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.compile_log import FIRST_RUN
 from ..kernels.fused_loss import chunk_rows
 from ..kernels.heap import freed_memory_held
-from ..kernels.lean_backward import save_less_for_backward
+from ..kernels.lean_backward import save_less_for_backward, sparse_embedding_gradient
 from ..lora import ParameterCount, apply_lora, count_parameters, load_adapter
 from ..model import GPT
 from ..runtime import precision
@@ -190,6 +190,8 @@ def wrap_objective(plan: Plan, model: GPT, world: World, device: torch.device,
                    emit: Callable[[dict], None]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(net, optimizer): NextTokenLoss over the model under DDP or FSDP, compiled with --compile,
     and AdamW over the parameters it trains."""
+    if not world.distributed:
+        sparse_embedding_gradient(model)
     net = distributed.wrap(NextTokenLoss(model), world, device, plan.cfg.fsdp)
     optimizer = make_optimizer(model, plan.cfg, device)  # after FSDP: over the shards
     if plan.cfg.compile:  # DDP first, then compile: TorchDynamo then splits the graph at DDP's buckets
