@@ -127,3 +127,34 @@ def test_an_untied_embedding_keeps_its_dense_gradient():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     lean_backward.sparse_embedding_gradient(model)
     assert not model.transformer.wte.sparse
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_heads_dense_gradient_takes_the_sparse_rows_in_place(monkeypatch, autocast):
+    """NextTokenLoss takes the head's weight through LateGradient before the embedding lookup, so
+    the sparse embedding rows reach the weight first and autograd adds them into the head's
+    dense gradient itself: the weight's .grad is the very tensor the head's backward returned
+    (no (V, C) copy), and equals the gradient of the plain, dense path."""
+    from gpt2kit.kernels import fused_loss
+    from gpt2kit.training.objective import NextTokenLoss
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=97)
+    torch.manual_seed(0)
+    plain, fast = GPT(cfg), GPT(cfg)
+    fast.load_state_dict(plain.state_dict())
+    sparse_embedding_gradient(fast)
+    returned = []
+    backward = fused_loss.HeadCrossEntropy.backward
+
+    def spy(ctx, grad):
+        grads = backward(ctx, grad)
+        returned.append(grads[1].data_ptr())  # not the tensor: a reference would force the copy
+        return grads
+
+    monkeypatch.setattr(fused_loss.HeadCrossEntropy, "backward", staticmethod(spy))
+    x = torch.randint(0, 97, (3, 18))
+    for model in (plain, fast):
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            NextTokenLoss(model)(x).backward()
+    grad = fast.transformer.wte.weight.grad
+    assert grad.data_ptr() == returned[1]
+    assert torch.allclose(grad, plain.transformer.wte.weight.grad, rtol=1e-6, atol=1e-7)
