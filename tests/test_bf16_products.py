@@ -158,3 +158,28 @@ def test_the_heads_dense_gradient_takes_the_sparse_rows_in_place(monkeypatch, au
     grad = fast.transformer.wte.weight.grad
     assert grad.data_ptr() == returned[1]
     assert torch.allclose(grad, plain.transformer.wte.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows, cols, offset", [(1, 1, 0), (5, 7, 0), (33, 65, 0), (64, 96, 0), (64, 96, 3),
+                                                (1024, 200, 0), (100, 37, 1)])
+def test_transposed_is_the_row_major_transpose(rows, cols, offset):
+    """native/transpose.c over whole and partial 32 x 32 blocks, rows apart by more than their
+    width, and destinations aligned (whole blocks streamed) or not."""
+    x = torch.randn(rows, cols + offset + 2).to(BF16)[:, offset:offset + cols]
+    out = bf16_products.transposed(x)
+    assert out.shape == (cols, rows) and out.is_contiguous()
+    assert torch.equal(out, x.t())
+
+
+def test_transposed_falls_back_to_torch_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(bf16_products, "library", lambda name: None)
+    x = torch.randn(40, 70).to(BF16)
+    assert torch.equal(bf16_products.transposed(x), x.t())
+    assert torch.equal(bf16_products.transposed(x.float()), x.float().t())
+
+
+def test_a_weight_gradient_is_grad_t_times_x(two_threads):
+    g = torch.Generator().manual_seed(2)
+    grad, x = torch.randn(1024, 96, generator=g).to(BF16), torch.randn(1024, 80, generator=g).to(BF16)
+    want = grad.double().t() @ x.double()
+    assert torch.allclose(bf16_products.weight_gradient(grad, x).double(), want, rtol=2e-2, atol=1.0)

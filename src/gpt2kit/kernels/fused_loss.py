@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .bf16_products import mm
+from .bf16_products import mm, weight_gradient
 from .native import library
 
 LOSS_CHUNK = 512  # rows of logits at a time in float32: 103 MB at GPT-2's vocabulary
@@ -110,7 +110,7 @@ def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_
         if grad_h is not None:
             torch.mul(mm(g, wc), 1.0 / n, out=grad_h[rows])
         if need_w:
-            part = mm(g.t(), hc[rows])  # (V, C)
+            part = weight_gradient(g, hc[rows])  # (V, C)
             grad_w = part.float() if grad_w is None else grad_w.add_(part)
         del z, g
     return total, grad_h, grad_w

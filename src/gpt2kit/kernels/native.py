@@ -11,7 +11,8 @@ work; a decode step's whole int8 block in one call), `f32_rows.c` (float32, AVX5
 decode); `argmax.c` takes the greedy choice over a row of logits; `attention.c` does a decode step's cache write and attention of one query per head
 (SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
 Training: `dropout.c` (masks from a counter-based generator, `counter_rng.h`) and `causal_softmax.c`
-(bfloat16 attention's softmax up to the diagonal, with its dropout).
+(bfloat16 attention's softmax up to the diagonal, with its dropout), `transpose.c` (a bfloat16
+gradient made row-major for its weight-gradient product) and `grad_norm.c`.
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
@@ -83,6 +84,8 @@ LIBRARIES = {
         "gpt2kit_softmax_rows": ([_P, _P, _N, _N, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
         "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
+    "transpose": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_transpose16": ([_P, _P, _N, _N, _N, _T], None)}),
     "grad_norm": Library(("_is_avx512_supported",), (), {
         "gpt2kit_sum_squares": ([_P, _P, _N, _T], ctypes.c_double)}),
     "argmax": Library(("_is_avx512_supported",), (), {
