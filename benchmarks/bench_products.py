@@ -1,5 +1,6 @@
 """The bfloat16 products of a GPT-2 training step, whole (one torch.mm) and as
-kernels/bf16_products.py cuts them, side by side: GFLOP/s and the ratio, per product.
+kernels/bf16_products.py runs them (cut into blocks; a weight's gradient from a row-major copy of
+grad.t(), the copy's time included), side by side: GFLOP/s and the ratio, per product.
 
     python benchmarks/bench_products.py                    # GPT-2 124M, 4 x 256 tokens, 2 threads
     python benchmarks/bench_products.py --rows 8192        # the seed job's 8 x 1024 tokens
@@ -62,31 +63,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from gpt2kit.kernels.bf16_products import blocks, mm
+    from gpt2kit.kernels import bf16_products
     from gpt2kit.kernels.heap import freed_memory_held
     with freed_memory_held():  # as bfloat16 training holds it: outputs reuse memory, no page faults
-        table(args, blocks, mm)
+        table(args, bf16_products)
 
 
-def table(args, blocks, mm) -> None:
+def table(args, bf16_products) -> None:
 
     print(machine_header(args.threads))
     print(f"bfloat16 products of one training step, {args.rows} rows, n_embd {args.n_embd}, "
           f"vocabulary {args.vocab}; median of {args.repeats}")
-    print("| product | shape (M x K x N) | cut into | whole GFLOP/s | cut GFLOP/s | ratio |")
+    print("| product | shape (M x K x N) | cut into | whole GFLOP/s | gpt2kit GFLOP/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     whole_total = cut_total = 0.0
     for name, sa, sb, ta, tb in products(args.rows, args.n_embd, args.vocab):
         a, b = operand(sa, ta), operand(sb, tb)
         M, K, N = sa[0], sa[1], sb[1]
         whole = median_seconds(lambda: torch.mm(a, b), args.repeats)
-        cut = median_seconds(lambda: mm(a, b), args.repeats)
+        if ta:  # a weight's gradient: a is grad.t()
+            cut = median_seconds(lambda: bf16_products.weight_gradient(a.t(), b), args.repeats)
+        else:
+            cut = median_seconds(lambda: bf16_products.mm(a, b), args.repeats)
         whole_total, cut_total = whole_total + whole, cut_total + cut
-        rows, cols = blocks(M, N, args.threads, ta)
+        rows, cols = bf16_products.blocks(M, N, args.threads)
         flops = 2 * M * K * N / 1e9
         print(f"| {name} | {M} x {K} x {N} | {rows} x {cols} | {flops / whole:,.0f} | {flops / cut:,.0f} | "
               f"{whole / cut:.2f}x |")
-    print(f"all of a block's and the head's products: whole {whole_total * 1e3:.1f} ms, cut {cut_total * 1e3:.1f} ms, "
+    print(f"all of a block's and the head's products: whole {whole_total * 1e3:.1f} ms, gpt2kit's {cut_total * 1e3:.1f} ms, "
           f"{whole_total / cut_total:.2f}x")
 
 
