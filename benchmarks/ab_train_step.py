@@ -38,8 +38,6 @@ def main() -> None:
     from gpt2kit.kernels import grad_clip
     from gpt2kit.kernels.heap import freed_memory_held
     from gpt2kit.runtime import autocast
-    from gpt2kit.training.config import TrainConfig
-    from gpt2kit.training.setup import make_optimizer
 
     spec = importlib.util.spec_from_file_location("variants", args.variants)
     variants = importlib.util.module_from_spec(spec)
@@ -50,9 +48,7 @@ def main() -> None:
     heap.__enter__()
     with tempfile.TemporaryDirectory() as folder:
         bench_train.make_weights(args.size, folder)
-        model, loss_fn = bench_train.build("gpt2kit", folder, device)  # set up as finetune does
-    optimizer = make_optimizer(model, TrainConfig(out="-"), device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+        model, loss_fn, optimizer = bench_train.build("gpt2kit", folder, device, half)  # set up as finetune does
     x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=torch.Generator().manual_seed(0))
 
     def step() -> float:
@@ -60,7 +56,7 @@ def main() -> None:
         with autocast(device, half):
             loss = loss_fn(x)
         loss.backward()
-        grad_clip.clipped_step(optimizer, grad_clip.total_norm(params), 1.0)
+        grad_clip.clipped_step(optimizer, grad_clip.total_norm(grad_clip.gradients(optimizer)), 1.0)
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

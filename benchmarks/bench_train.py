@@ -61,26 +61,30 @@ def parse_args(argv=None):
 
 # ---- one measurement, in its own process ------------------------------------------------------
 
-def build(engine: str, folder: str, device):
-    """(model, loss(x)): the engine's training loss of predicting x[:, 1:] from x[:, :-1]."""
+def build(engine: str, folder: str, device, dtype):
+    """(model, loss(x), optimizer): the engine's training loss of predicting x[:, 1:] from
+    x[:, :-1] under autocast to `dtype` (None: float32), and the AdamW finetune would step."""
     import torch
     import torch.nn.functional as F
+
+    from gpt2kit.training.config import TrainConfig
+    from gpt2kit.training.setup import make_optimizer, objective
+    cfg = TrainConfig(out="-", compile=engine == "gpt2kit-compile")
     if engine == "transformers":
         import transformers
         hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).train()
         return hf, lambda x: F.cross_entropy(hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1),
-                                             x[:, 1:].flatten())
+                                             x[:, 1:].flatten()), make_optimizer(hf, cfg, device)
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.kernels.lean_backward import save_less_for_backward, sparse_embedding_gradient
+    from gpt2kit.kernels.lean_backward import save_less_for_backward
     from gpt2kit.lora import LoraConfig, apply_lora
-    from gpt2kit.training.objective import NextTokenLoss
     model = load_model(folder, device, torch.float32).model
     if engine == "gpt2kit-lora":
         apply_lora(model, LoraConfig())
     save_less_for_backward(model)  # as training/setup.py's load_for_training does for every run
-    sparse_embedding_gradient(model)  # and wrap_objective for one process
-    loss = NextTokenLoss(model)
-    return model.train(), torch.compile(loss) if engine == "gpt2kit-compile" else loss
+    loss, copies = objective(model, cfg, device, dtype, one_process=True)  # as wrap_objective
+    optimizer = make_optimizer(model, cfg, device, copies)
+    return model.train(), torch.compile(loss) if cfg.compile else loss, optimizer
 
 
 def worker(args) -> dict:
@@ -89,17 +93,14 @@ def worker(args) -> dict:
     from gpt2kit.kernels import grad_clip
     from gpt2kit.kernels.heap import freed_memory_held
     from gpt2kit.runtime import autocast
-    from gpt2kit.training.config import TrainConfig
     from gpt2kit.training.memory import process_peak_rss
-    from gpt2kit.training.setup import make_optimizer
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     half = None if args.dtype == "float32" else getattr(torch, args.dtype)
     # as finetune does around its loop; kept referenced until the worker returns
     heap = freed_memory_held(args.worker.startswith("gpt2kit") and device.type == "cpu" and half is not None)
     heap.__enter__()
-    model, compute_loss = build(args.worker, args.folder, device)
-    optimizer = make_optimizer(model, TrainConfig(out="-"), device)
+    model, compute_loss, optimizer = build(args.worker, args.folder, device, half)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
@@ -108,8 +109,9 @@ def worker(args) -> dict:
         with autocast(device, half):
             loss = compute_loss(x)
         loss.backward()
-        if args.worker.startswith("gpt2kit") and grad_clip.folds_into_step(optimizer, params):
-            grad_clip.clipped_step(optimizer, grad_clip.total_norm(params), 1.0)  # as finetune clips
+        grads = grad_clip.gradients(optimizer)
+        if args.worker.startswith("gpt2kit") and grad_clip.folds_into_step(optimizer, grads):
+            grad_clip.clipped_step(optimizer, grad_clip.total_norm(grads), 1.0)  # as finetune clips
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -17,6 +17,10 @@ pytestmark = pytest.mark.skipif(grad_clip.library("grad_norm") is None,
 SIZES = [(70000,), (3, 5), (0,), (16,), (33, 1000), (1,)]  # more than a chunk, odd tails, empty
 
 
+def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
 def parameters(seed: int, scale: float) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(size, generator=g)) for size in SIZES]
@@ -28,11 +32,19 @@ def parameters(seed: int, scale: float) -> list[torch.nn.Parameter]:
 def test_total_norm_is_clip_grad_norms_to_its_rounding():
     params = parameters(0, 1.0)
     exact = sum((p.grad.double() ** 2).sum() for p in params).sqrt().item()
-    assert grad_clip.total_norm(params) == pytest.approx(exact, rel=1e-7)
+    assert grad_clip.total_norm(grads(params)) == pytest.approx(exact, rel=1e-7)
     assert torch.nn.utils.clip_grad_norm_(params, float("inf")).item() == pytest.approx(exact, rel=1e-5)
     params[1].grad = None  # a parameter without a gradient counts for nothing
-    assert grad_clip.total_norm(params) == pytest.approx(torch.nn.utils.get_total_norm(
-        [p.grad for p in params if p.grad is not None]).item(), rel=1e-6)
+    assert grad_clip.total_norm(grads(params)) == pytest.approx(torch.nn.utils.get_total_norm(
+        grads(params)).item(), rel=1e-6)
+
+
+def test_total_norm_reads_bfloat16_gradients_as_their_float32_values():
+    halves = [p.grad.bfloat16() for p in parameters(3, 1.0)]
+    mixed = [g if i % 2 else g.float() for i, g in enumerate(halves)]
+    exact = sum((g.double() ** 2).sum() for g in halves).sqrt().item()
+    assert grad_clip.total_norm(halves) == grad_clip.total_norm([g.float() for g in halves])
+    assert grad_clip.total_norm(mixed) == pytest.approx(exact, rel=1e-6)  # float32 sums in chunks
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0])  # below the clipping norm, and above it
@@ -43,8 +55,9 @@ def test_clipped_step_is_clip_then_step(scale):
         optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True)
         for _ in range(3):
             if folded:
-                assert grad_clip.folds_into_step(optimizer, params)
-                grad_clip.clipped_step(optimizer, grad_clip.total_norm(params), 0.5)
+                assert grad_clip.gradients(optimizer) == grads(params)
+                assert grad_clip.folds_into_step(optimizer, grads(params))
+                grad_clip.clipped_step(optimizer, grad_clip.total_norm(grads(params)), 0.5)
             else:
                 torch.nn.utils.clip_grad_norm_(params, 0.5)
                 optimizer.step()
@@ -56,12 +69,12 @@ def test_clipped_step_is_clip_then_step(scale):
 
 def test_what_it_does_not_take_is_left_to_torch():
     params = parameters(2, 1.0)
-    assert not grad_clip.folds_into_step(torch.optim.AdamW(params, foreach=False), params)
-    assert not grad_clip.folds_into_step(torch.optim.SGD(params, lr=0.1), params)
+    assert not grad_clip.folds_into_step(torch.optim.AdamW(params, foreach=False), grads(params))
+    assert not grad_clip.folds_into_step(torch.optim.SGD(params, lr=0.1), grads(params))
     half = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     half.grad = torch.randn(8, dtype=torch.bfloat16)
-    assert not grad_clip.folds_into_step(torch.optim.AdamW(params + [half], fused=True), params + [half])
-    assert grad_clip.folds_into_step(torch.optim.AdamW(params, fused=True), params)
+    assert not grad_clip.folds_into_step(torch.optim.AdamW(params + [half], fused=True), grads(params + [half]))
+    assert grad_clip.folds_into_step(torch.optim.AdamW(params, fused=True), grads(params))
 
 
 def test_finetune_losses_are_the_same_either_way(tiny_folder, jokes_csv, tmp_path, monkeypatch):
@@ -79,7 +92,7 @@ def test_finetune_losses_are_the_same_either_way(tiny_folder, jokes_csv, tmp_pat
     monkeypatch.setattr(grad_clip, "clipped_step", lambda *a: calls.append(a[1:]) or real(*a))
     folded, folded_norms = losses("folded")
     assert len(calls) == 6 and all(norm > 0.05 for norm, _ in calls)  # every step clipped
-    monkeypatch.setattr(grad_clip, "folds_into_step", lambda optimizer, params: False)
+    monkeypatch.setattr(grad_clip, "folds_into_step", lambda optimizer, grads: False)
     plain, plain_norms = losses("torch")
     # The first norm differs in rounding only (torch's per-tensor float32 norms are the less exact:
     # ~7e-6 from a float64 sum on such a model, the native one ~1e-7); the steps then agree to a

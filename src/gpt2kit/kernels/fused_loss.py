@@ -38,18 +38,21 @@ class HeadCrossEntropy(torch.autograd.Function):
     copy), a few rows at a time (softmax_); the loss exact to float32, the gradients as close to
     the exact ones as the plain path's; not float16, whose gradients made here, before loss
     scaling, would underflow. 1.26x the previous bfloat16 path (a float32 log-softmax over whole
-    chunks; interleaved, one thread, 4 x 256 tokens of GPT-2 124M)."""
+    chunks; interleaved, one thread, 4 x 256 tokens of GPT-2 124M). `w_copy`: w in `dtype` already
+    (kernels/half_copies.py's copy of the head), used for the products instead of casting w; the
+    gradient is still w's."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = None, w_copy: torch.Tensor | None = None) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # w is frozen under LoRA
         with torch.autocast(h.device.type, enabled=False):  # the dtypes below are chosen, not cast
             if dtype in (None, torch.float32):
                 total, grad_h, grad_w = _float32_chunks(h, w, targets, need_h, need_w)
                 ctx.w_scale = 1.0
             else:  # grad_w without the mean's 1 / N: applied with the backward's scale below
-                total, grad_h, grad_w = _low_precision_chunks(h, w, targets, dtype, need_h, need_w)
+                wc = w.to(dtype) if w_copy is None else w_copy  # the GEMMs' operand, as autocast casts it
+                total, grad_h, grad_w = _low_precision_chunks(h, wc, targets, need_h, need_w)
                 ctx.w_scale = 1.0 / h.shape[0]
         ctx.save_for_backward(grad_h, grad_w)
         return total / h.shape[0]
@@ -61,7 +64,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         # the graph, so this backward runs once.
         grad_h, grad_w = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h.mul_(grad)
-        return grad_h, None if grad_w is None else grad_w.mul_(grad * ctx.w_scale), None, None
+        return grad_h, None if grad_w is None else grad_w.mul_(grad * ctx.w_scale), None, None, None
 
 
 def _float32_chunks(h, w, targets, need_h: bool, need_w: bool):
@@ -88,9 +91,9 @@ def _float32_chunks(h, w, targets, need_h: bool, need_w: bool):
     return total, grad_h, grad_w
 
 
-def _low_precision_chunks(h, w, targets, dtype: torch.dtype, need_h: bool, need_w: bool):
-    n = h.shape[0]
-    hc, wc = h.to(dtype), w.to(dtype)  # the GEMM operands (autocast makes the same copies)
+def _low_precision_chunks(h, wc, targets, need_h: bool, need_w: bool):
+    n, dtype = h.shape[0], wc.dtype
+    hc = h.to(dtype)  # the GEMM operand (autocast makes the same copy)
     grad_h = torch.empty_like(h) if need_h else None
     grad_w = None
     total = torch.zeros((), dtype=torch.float32, device=h.device)

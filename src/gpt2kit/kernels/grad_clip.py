@@ -19,27 +19,39 @@ import math
 
 import torch
 
+from .master_adamw import MasterAdamW
 from .native import library
 
 EPS = 1e-6  # clip_grad_norm_'s: max_norm / (total_norm + 1e-6)
 
 
-def folds_into_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients the optimizer's next step reads: its parameters' .grad, and a MasterAdamW's
+    bfloat16 ones on its copies (kernels/master_adamw.py)."""
+    if isinstance(optimizer, MasterAdamW):
+        return optimizer.gradients()
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+def folds_into_step(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> bool:
     """Whether `clipped_step` takes this step: a fused optimizer that honours `grad_scale` and
-    gradients that are plain contiguous float32 CPU tensors (not FSDP's sharded DTensors), natively."""
+    gradients that are plain contiguous float32 (or a MasterAdamW's bfloat16) CPU tensors (not
+    FSDP's sharded DTensors), natively."""
+    dtypes = (torch.float32, torch.bfloat16) if isinstance(optimizer, MasterAdamW) else (torch.float32,)
     return (getattr(optimizer, "_step_supports_amp_scaling", False)
             and all(g.get("fused") for g in optimizer.param_groups) and library("grad_norm") is not None
-            and all(type(p.grad) is torch.Tensor and p.grad.device.type == "cpu" and p.grad.dtype == torch.float32
-                    and p.grad.is_contiguous() for p in params if p.grad is not None))
+            and all(type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype in dtypes and g.is_contiguous()
+                    for g in grads))
 
 
-def total_norm(params: list[torch.Tensor]) -> float:
-    """The 2-norm of all the parameters' gradients together (as clip_grad_norm_ returns it), in
-    one native pass; for what folds_into_step accepts."""
-    grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The 2-norm of all the gradients together (as clip_grad_norm_ returns it), in one native
+    pass; for what folds_into_step accepts."""
+    grads = [g for g in grads if g.numel()]
     pointers, sizes = (ctypes.c_void_p * len(grads))(*[g.data_ptr() for g in grads]), (ctypes.c_int64 * len(grads))(
         *[g.numel() for g in grads])
-    squares = library("grad_norm").gpt2kit_sum_squares(pointers, sizes, len(grads), torch.get_num_threads())
+    halves = (ctypes.c_uint8 * len(grads))(*[g.dtype == torch.bfloat16 for g in grads])
+    squares = library("grad_norm").gpt2kit_sum_squares(pointers, halves, sizes, len(grads), torch.get_num_threads())
     if squares < 0:
         raise MemoryError(f"gradient norm: no memory for an index of {len(grads)} tensors")
     return math.sqrt(squares)

@@ -91,11 +91,12 @@ def fast_path(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, half=None) -> torch.Tensor:
     """F.linear, with its products cut as kernels/bf16_products.py cuts them when training under
-    bfloat16 autocast on CPU."""
+    bfloat16 autocast on CPU, there on w's bfloat16 copy `half` (kernels/half_copies.py's
+    HalfCopy, which then takes w's gradient) where it has one."""
     if fast_path(x) and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return bf16_products.Linear.apply(x, w, b)
+        return bf16_products.Linear.apply(x, w if half is None else half.current(), b)
     return F.linear(x, w, b)
 
 
@@ -206,12 +207,13 @@ class LeanGeluLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: the same keys
+        self.half = None  # the weight's bfloat16 copy (kernels/half_copies.py), where it has one
         self.train(linear.training)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, 4C) -> (B, T, C)
         if lean_path(h):
             return GeluLinear.apply(h, self.weight, self.bias)
-        return linear(bf16_training.gelu(h) if fast_path(h) else gelu(h), self.weight, self.bias)
+        return linear(bf16_training.gelu(h) if fast_path(h) else gelu(h), self.weight, self.bias, self.half)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -226,10 +228,11 @@ class LeanLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = plain.in_features, plain.out_features
         self.weight, self.bias = plain.weight, plain.bias
+        self.half = None  # the weight's bfloat16 copy (kernels/half_copies.py), where it has one
         self.train(plain.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.half)
 
 
 class GeluLinear(torch.autograd.Function):

@@ -191,12 +191,12 @@ def optimizer_step(plan: Plan, parts: Parts, state: State) -> tuple[float, float
         raise TrainingDiverged(loss, state.step + 1, parts.run.last_good(state.last_checkpoint))
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params, grads = [p for g in optimizer.param_groups for p in g["params"]], grad_clip.gradients(optimizer)
     max_norm = plan.cfg.grad_clip or math.inf
     # fused AdamW on CPU, whole gradients (one process or DDP's replicas, not FSDP's shards): the
     # clipping folded into the step (kernels/grad_clip.py)
-    folded = scaler is None and grad_clip.folds_into_step(optimizer, params)
-    norm = grad_clip.total_norm(params) if folded else float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    folded = scaler is None and grad_clip.folds_into_step(optimizer, grads)
+    norm = grad_clip.total_norm(grads) if folded else float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if scaler is None and not math.isfinite(norm):
         raise TrainingDiverged(norm, state.step + 1, parts.run.last_good(state.last_checkpoint),
                                what="gradient norm is")

@@ -3,7 +3,9 @@
 The estimate counts what a training step holds at its peak (the end of the forward pass):
 
 - weights, 4 bytes per parameter (float32 master weights, also under autocast);
-- gradients and AdamW's two moments, 4 + 8 bytes per *trainable* parameter (LoRA: adapters only);
+- gradients and AdamW's two moments, 4 + 8 bytes per *trainable* parameter (LoRA: adapters only;
+  bfloat16 on CPU in one process, a matrix's 4 bytes of gradient are its bfloat16 copy and that
+  copy's bfloat16 gradient: kernels/half_copies.py);
 - activations saved for the backward pass, per token of the micro-batch:
   ~20 C-wide tensors per block (LayerNorm inputs, q/k/v, attention output, the 4C MLP hidden
   before and after GELU, dropout masks), in the autocast dtype;

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..data.blocks import split_ignored
 from ..kernels.fused_loss import HeadCrossEntropy, chunk_rows
+from ..kernels.half_copies import HalfCopy
 from ..model import GPT
 
 
@@ -17,9 +18,10 @@ class NextTokenLoss(torch.nn.Module):
     the loss run fused (HeadCrossEntropy: the (B, T, V) logits never exist whole); under float16
     autocast, plainly (its loss scaling must see the gradients the fused head would make too early)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, head_copy: HalfCopy | None = None):
         super().__init__()
         self.model = model
+        self.head_copy = head_copy  # the head's bfloat16 copy, where it has one (kernels/half_copies.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, trained = split_ignored(x)
@@ -35,7 +37,8 @@ class NextTokenLoss(torch.nn.Module):
             rows, targets = rows[keep], targets[keep]
         if plain:
             return F.cross_entropy(rows, targets)
-        return HeadCrossEntropy.apply(rows, head, targets, dtype)
+        copy = self.head_copy.current() if self.head_copy is not None and dtype == torch.bfloat16 else None
+        return HeadCrossEntropy.apply(rows, head, targets, dtype, copy)
 
 
 class LateGradient(torch.autograd.Function):

@@ -23,7 +23,10 @@ from ..errors import OptionError
 from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.compile_log import FIRST_RUN
 from ..kernels.fused_loss import chunk_rows
+from ..kernels import master_adamw
+from ..kernels.half_copies import HalfCopy, head_copy, hold_half_copies
 from ..kernels.heap import freed_memory_held
+from ..kernels.master_adamw import MasterAdamW
 from ..kernels.lean_backward import save_less_for_backward, sparse_embedding_gradient
 from ..lora import ParameterCount, apply_lora, count_parameters, load_adapter
 from ..model import GPT
@@ -125,7 +128,7 @@ def build(plan: Plan, world: World, device: torch.device, model: GPT, tokenizer:
     autocast_dtype, scaling = precision(plan.cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if scaling else None
     summary = check_memory(plan, world, device, model, data, autocast_dtype)
-    net, optimizer = wrap_objective(plan, model, world, device, emit)
+    net, optimizer = wrap_objective(plan, model, world, device, autocast_dtype, emit)
     if plan.resume is not None:
         restore(plan.resume, run, world, model, optimizer, scaler, emit)
     elif world.is_main:
@@ -186,28 +189,44 @@ def check_memory(plan: Plan, world: World, device: torch.device, model: GPT, dat
     return summary
 
 
-def wrap_objective(plan: Plan, model: GPT, world: World, device: torch.device,
+def wrap_objective(plan: Plan, model: GPT, world: World, device: torch.device, autocast_dtype: torch.dtype | None,
                    emit: Callable[[dict], None]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(net, optimizer): NextTokenLoss over the model under DDP or FSDP, compiled with --compile,
     and AdamW over the parameters it trains."""
-    if not world.distributed:
-        sparse_embedding_gradient(model)
-    net = distributed.wrap(NextTokenLoss(model), world, device, plan.cfg.fsdp)
-    optimizer = make_optimizer(model, plan.cfg, device)  # after FSDP: over the shards
+    loss, copies = objective(model, plan.cfg, device, autocast_dtype, one_process=not world.distributed)
+    net = distributed.wrap(loss, world, device, plan.cfg.fsdp)
+    optimizer = make_optimizer(model, plan.cfg, device, copies)  # after FSDP: over the shards
     if plan.cfg.compile:  # DDP first, then compile: TorchDynamo then splits the graph at DDP's buckets
         net = torch.compile(net)
         emit({"event": "note", "message": f"--compile: the first step compiles the model ({FIRST_RUN})"})
     return net, optimizer
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def objective(model: GPT, cfg: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
+              one_process: bool) -> tuple[NextTokenLoss, list[HalfCopy]]:
+    """NextTokenLoss over the model, and the bfloat16 copies make_optimizer's AdamW must keep. In
+    one process: the token embedding's gradient as sparse rows; and under bfloat16 on CPU, not
+    compiled, the trained matrices' bfloat16 copies (kernels/half_copies.py)."""
+    copies = []
+    if one_process:
+        sparse_embedding_gradient(model)
+        if device.type == "cpu" and autocast_dtype == torch.bfloat16 and not cfg.compile and master_adamw.available():
+            copies = hold_half_copies(model, accumulate=cfg.grad_accum > 1)
+    return NextTokenLoss(model, head_copy(model, copies)), copies
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device,
+                   copies: list[HalfCopy] | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings (dim >= 2) only, as nanoGPT: biases and
     LayerNorm gains are not decayed. Betas (0.9, 0.95) as GPT-3. The fused kernel on CPU as on
     CUDA: one pass over each parameter instead of a dozen (on CPU the default is a per-tensor
-    loop; fused takes GPT-2 124M's step from about 0.35 s to 0.08 s on 2 cores)."""
+    loop; fused takes GPT-2 124M's step from about 0.35 s to 0.08 s on 2 cores). With bfloat16
+    `copies` of the matrices, MasterAdamW: the same step, which also writes them."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if copies:
+        return MasterAdamW(groups, copies, lr=cfg.peak_lr, betas=(0.9, 0.95), eps=1e-8)
     return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), eps=1e-8,
                              fused=device.type in ("cpu", "cuda"))
 
