@@ -16,6 +16,7 @@ from safetensors import safe_open
 from gpt2kit import runtime
 from gpt2kit.config import ModelConfig
 from gpt2kit.data.prepare import DataConfig
+from gpt2kit.kernels import fused_loss
 from gpt2kit.kernels.bf16_training import BitsDropout, CausalDropoutAttention, keep_bits
 from gpt2kit.kernels.fused_loss import HeadCrossEntropy
 from gpt2kit.model import GPT
@@ -67,6 +68,18 @@ def test_fused_bfloat16_head_and_loss_match_autocasts_plain_loss():
         error, plain_error = ((t.double() - best).norm() / best.norm() for t in (got, want))
         assert error < 2**-7 and error < 1.25 * plain_error
         assert torch.allclose(got, want, rtol=2**-5, atol=2e-3 * want.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(97, 32), (1000, 33)])  # whole 16-lane vectors, and a tail
+def test_the_heads_gradient_is_widened_and_scaled_as_cast_then_multiply(monkeypatch, shape):
+    g = torch.randn(shape).bfloat16()
+    factor = torch.tensor(0.37) * (1 / 1024)
+    want = g.float().mul_(factor)
+    assert torch.equal(fused_loss.scaled_float(g, factor), want)  # native/widen.c where it builds
+    monkeypatch.setattr(fused_loss, "library", lambda name: None)
+    assert torch.equal(fused_loss.scaled_float(g, factor), want)
+    f32 = g.float()
+    assert fused_loss.scaled_float(f32, factor) is f32 and torch.equal(f32, want)
 
 
 def test_next_token_loss_runs_the_fused_head_under_bfloat16_autocast(monkeypatch):

@@ -64,7 +64,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         # the graph, so this backward runs once.
         grad_h, grad_w = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h.mul_(grad)
-        return grad_h, None if grad_w is None else grad_w.mul_(grad * ctx.w_scale), None, None, None
+        return grad_h, None if grad_w is None else scaled_float(grad_w, grad * ctx.w_scale), None, None, None
 
 
 def _float32_chunks(h, w, targets, need_h: bool, need_w: bool):
@@ -112,11 +112,25 @@ def _low_precision_chunks(h, wc, targets, need_h: bool, need_w: bool):
         g = z
         if grad_h is not None:
             torch.mul(mm(g, wc), 1.0 / n, out=grad_h[rows])
-        if need_w:
-            part = weight_gradient(g, hc[rows])  # (V, C)
-            grad_w = part.float() if grad_w is None else grad_w.add_(part)
+        if need_w:  # one chunk's (V, C) stays in the GEMMs' dtype until the backward widens and scales it
+            part = weight_gradient(g, hc[rows])
+            grad_w = part if grad_w is None else grad_w.float().add_(part)
         del z, g
     return total, grad_h, grad_w
+
+
+def scaled_float(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """g * factor in float32: in place for a float32 g; for a bfloat16 CPU g in one native pass
+    (native/widen.c: the head's 154 MB float32 gradient written once, not cast then multiplied;
+    the same bits)."""
+    if g.dtype == torch.float32:
+        return g.mul_(factor)
+    if (g.dtype == torch.bfloat16 and g.device.type == "cpu" and g.is_contiguous()
+            and (kernels := library("widen")) is not None):
+        out = torch.empty(g.shape, dtype=torch.float32)
+        kernels.gpt2kit_widen_scaled(g.data_ptr(), out.data_ptr(), g.numel(), float(factor), torch.get_num_threads())
+        return out
+    return g.float().mul_(factor)
 
 
 def softmax_(z: torch.Tensor, rows: int = SOFTMAX_ROWS) -> torch.Tensor:

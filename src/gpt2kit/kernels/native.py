@@ -12,8 +12,9 @@ decode); `argmax.c` takes the greedy choice over a row of logits; `attention.c` 
 (SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
 Training: `dropout.c` (masks from a counter-based generator, `counter_rng.h`) and `causal_softmax.c`
 (bfloat16 attention's softmax up to the diagonal, with its dropout), `transpose.c` (a bfloat16
-gradient made row-major for its weight-gradient product), `grad_norm.c` and `adamw.c` (the
-optimizer step, writing the next forward's bfloat16 weights).
+gradient made row-major for its weight-gradient product), `widen.c` (the LM head's bfloat16
+gradient to float32, scaled), `grad_norm.c` and `adamw.c` (the optimizer step, writing the next
+forward's bfloat16 weights).
 Why ctypes, not a torch C++ extension: the kernels take raw pointers only, so they need no torch
 headers; the file compiles in well under a second where a C++ extension takes ~40 s.
 Why torch's OpenMP runtime: the library is linked against the runtime torch itself loaded (found
@@ -89,6 +90,8 @@ LIBRARIES = {
         "gpt2kit_transpose16": ([_P, _P, _N, _N, _N, _T], None)}),
     "grad_norm": Library(("_is_avx512_supported",), (), {
         "gpt2kit_sum_squares": ([_P, _P, _P, _N, _T], ctypes.c_double)}),
+    "widen": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_widen_scaled": ([_P, _P, _N, _F, _T], None)}),
     "adamw": Library(("_is_avx512_supported",), (), {
         "gpt2kit_adamw": ([_P] * 8 + [_N] + [_F] * 5 + [_T], ctypes.c_int)}),
     "argmax": Library(("_is_avx512_supported",), (), {

@@ -20,14 +20,14 @@ from ..checkpoints import load_model
 from ..config import ModelConfig
 from ..data.prepare import PreparedData, prepare_data
 from ..errors import OptionError
+from ..kernels import master_adamw
 from ..kernels.checkpointing import checkpoint_blocks
 from ..kernels.compile_log import FIRST_RUN
 from ..kernels.fused_loss import chunk_rows
-from ..kernels import master_adamw
 from ..kernels.half_copies import HalfCopy, head_copy, hold_half_copies
 from ..kernels.heap import freed_memory_held
-from ..kernels.master_adamw import MasterAdamW
 from ..kernels.lean_backward import save_less_for_backward, sparse_embedding_gradient
+from ..kernels.master_adamw import MasterAdamW
 from ..lora import ParameterCount, apply_lora, count_parameters, load_adapter
 from ..model import GPT
 from ..runtime import precision

@@ -66,7 +66,11 @@ static void chunk_step(float *p, const void *g, int bf16, float *m, float *v, ui
                                      _mm512_set1_ps(eps));
         param = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.neg_step), avg), denom));
         _mm512_mask_storeu_ps(p + k, mask, param);
-        if (copy) _mm256_mask_storeu_epi16(copy + k, mask, round_bf16(param));
+        if (!copy) continue;
+        if (mask == 0xFFFF && ((uintptr_t)(copy + k) & 31) == 0)  /* write-only: no line read first */
+            _mm256_stream_si256((__m256i *)(copy + k), round_bf16(param));
+        else
+            _mm256_mask_storeu_epi16(copy + k, mask, round_bf16(param));
     }
 }
 
@@ -80,14 +84,19 @@ int gpt2kit_adamw(float *const *param, const void *const *grad, const uint8_t *g
                   float lerp, float beta2, float sq_coefficient, float eps, float scale, int threads) {
     int64_t *first = chunk_starts(sizes, n, CHUNK);
     if (!first) return -1;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t k = 0; k < first[n]; k++) {
-        int64_t i = chunk_array(first, n, k);
-        int64_t at = (k - first[i]) * CHUNK, left = sizes[i] - at;
-        const char *g = (const char *)grad[i] + at * (grad_bf16[i] ? 2 : 4);
-        Coefficients ci = {c[3 * i], c[3 * i + 1], c[3 * i + 2]};
-        chunk_step(param[i] + at, g, grad_bf16[i], exp_avg[i] + at, exp_avg_sq[i] + at, copy[i] ? copy[i] + at : NULL,
-                   left < CHUNK ? left : CHUNK, ci, lerp, beta2, sq_coefficient, eps, scale);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static) nowait
+        for (int64_t k = 0; k < first[n]; k++) {
+            int64_t i = chunk_array(first, n, k);
+            int64_t at = (k - first[i]) * CHUNK, left = sizes[i] - at;
+            const char *g = (const char *)grad[i] + at * (grad_bf16[i] ? 2 : 4);
+            Coefficients ci = {c[3 * i], c[3 * i + 1], c[3 * i + 2]};
+            chunk_step(param[i] + at, g, grad_bf16[i], exp_avg[i] + at, exp_avg_sq[i] + at,
+                       copy[i] ? copy[i] + at : NULL, left < CHUNK ? left : CHUNK, ci, lerp, beta2, sq_coefficient,
+                       eps, scale);
+        }
+        _mm_sfence();  /* this thread's streamed copies visible before the next forward reads them */
     }
     free(first);
     return 0;
