@@ -59,6 +59,14 @@ def test_cut_products_are_each_blocks_own_product(two_threads, M, K, N, bias, tr
     assert torch.allclose(out.double(), want, rtol=2e-2, atol=2e-2 * K ** 0.5)
 
 
+@pytest.mark.parametrize("M, K, N", [(1024, 768, 2304), (1000, 48, 96), (7, 64, 33)])
+def test_a_whole_product_with_bias_is_addmms(M, K, N):
+    """oneDNN's linear with the bias fused (plus_bias) gives torch.addmm's bits."""
+    g = torch.Generator().manual_seed(1)
+    a, w, c = (torch.randn(*shape, generator=g).to(BF16) for shape in ((M, K), (N, K), (N,)))
+    assert torch.equal(mm(a, w.t(), c), torch.addmm(c, a, w.t()))
+
+
 @pytest.mark.parametrize("frozen, bias", [(False, True), (True, True), (False, False)])
 def test_linear_is_autocasts_linear_under_bfloat16_autocast(two_threads, frozen, bias):
     """Forward and gradients as F.linear's under CPU autocast (the same bfloat16 casts): equal

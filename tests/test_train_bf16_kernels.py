@@ -182,6 +182,28 @@ def spy(monkeypatch, owner, name: str, calls: list, label: str) -> None:
     monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(label) or real(*a, **k))
 
 
+@pytest.mark.parametrize("n", [4096, 1000, 7])  # whole vectors of 32 mask lanes, and tails
+def test_widening_dropout_is_keep_bits_mask_in_float32(n):
+    """A branch output's dropout widened to float32: float(x) * scale where keep_bits' mask for
+    the same seed keeps, exactly, 0 elsewhere; its gradient the stream's, masked, scaled and
+    rounded to bfloat16 once."""
+    if not bf16_training.widens(torch.empty(1, dtype=BF16)):
+        pytest.skip("no native dropout here (AVX512, a C compiler)")
+    torch.manual_seed(7)
+    x = torch.randn(n).to(BF16).requires_grad_()
+    state = torch.get_rng_state()
+    out = bf16_training.WideningDropout.apply(x, 0.3)
+    torch.set_rng_state(state)
+    keep, p = keep_bits(x.shape, 0.3, CPU)  # the same seed, drawn from the same state
+    scale = bf16_training.kept_scale(p)
+    kept = keep.bool()
+    assert out.dtype == torch.float32 and (n < 1000 or 0.25 < 1 - kept.float().mean() < 0.35)
+    assert torch.equal(out, torch.where(kept, x.detach().float() * scale, 0.0))
+    grad = torch.randn(n)
+    out.backward(grad)
+    assert x.grad.dtype == BF16 and torch.equal(x.grad, torch.where(kept, grad * scale, 0.0).to(BF16))
+
+
 @pytest.mark.parametrize("autocast", [True, False])
 def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, autocast):
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=97, dropout=0.1))
@@ -189,6 +211,7 @@ def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, 
     calls = []
     spy(monkeypatch, bf16_training.CausalDropoutAttention, "apply", calls, "bf16 attention")
     spy(monkeypatch, bf16_training.BitsDropout, "apply", calls, "bf16 dropout")
+    spy(monkeypatch, bf16_training.WideningDropout, "apply", calls, "bf16 dropout")
     spy(monkeypatch, bf16_training, "gelu", calls, "bf16 gelu")
     spy(monkeypatch, lean_backward.DropoutAttention, "apply", calls, "attention")
     spy(monkeypatch, lean_backward.MaskDropout, "apply", calls, "dropout")

@@ -103,6 +103,39 @@ class BitsDropout(torch.autograd.Function):
         return apply_mask(grad.contiguous(), keep).mul_(ctx.scale), None
 
 
+def widens(x: torch.Tensor) -> bool:
+    """Whether WideningDropout takes x: bfloat16 on a CPU with native/dropout.c."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and library("dropout") is not None
+
+
+class WideningDropout(torch.autograd.Function):
+    """Dropout p on a block's bfloat16 branch output, returned in float32 for the float32 residual
+    stream it is added to (lean_backward.LeanResidualDropout): dropped, scaled and widened in one
+    native pass (native/dropout.c), where BitsDropout's mask, AND and multiply, then the add's
+    conversion, took four; the backward narrows the stream's float32 gradient the same way. The
+    mask is keep_bits' for a seed drawn here, made again from the seed in the backward pass, never
+    stored. For what `widens` accepts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        threshold, p = mask_threshold(p)
+        ctx.seed, ctx.threshold, ctx.scale = native_seed(), threshold, kept_scale(p)
+        x = x.contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        library("dropout").gpt2kit_dropout_widen(x.data_ptr(), out.data_ptr(), x.numel(), ctx.seed, threshold,
+                                                 ctx.scale, torch.get_num_threads())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.float().contiguous()
+        out = torch.empty(grad.shape, dtype=torch.bfloat16)
+        library("dropout").gpt2kit_dropout_narrow(grad.data_ptr(), out.data_ptr(), grad.numel(), ctx.seed,
+                                                  ctx.threshold, ctx.scale, torch.get_num_threads())
+        return out, None
+
+
 class CausalDropoutAttention(torch.autograd.Function):
     """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the probabilities, for q, k, v
     (B, nh, T, hs), computed in their dtype (bfloat16 under autocast), keeping the probabilities
@@ -151,16 +184,19 @@ class CausalDropoutAttention(torch.autograd.Function):
         if ctx.native is not None:  # mask: the kept probabilities, or None (nothing dropped)
             grad_v = (probs if mask is None else mask).transpose(1, 2).bmm(grad)
             grad_s = grad.bmm(v3.transpose(1, 2))
+            # the scores' scale applied to their (T, T) gradient as it is written, not to the two
+            # (T, hs) products after (1/8 for GPT-2's heads of 64: a power of 2, the same bits)
             ctx.native.gpt2kit_causal_softmax_backward(grad_s.data_ptr(), probs.data_ptr(),
-                                                       None if mask is None else mask.data_ptr(), B * nh * T, T, 1.0,
-                                                       torch.get_num_threads())
+                                                       None if mask is None else mask.data_ptr(), B * nh * T, T,
+                                                       ctx.scale, torch.get_num_threads())
+            grad_q, grad_k = grad_s.bmm(k3), grad_s.transpose(1, 2).bmm(q3)
         else:  # mask: keep_bits'
             grad_v = apply_mask(probs, mask).transpose(1, 2).bmm(grad)
             grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), mask, inplace=True)
             grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
             del grad_p
-        grad_q = grad_s.bmm(k3).mul_(ctx.scale)
-        grad_k = grad_s.transpose(1, 2).bmm(q3).mul_(ctx.scale)
+            grad_q = grad_s.bmm(k3).mul_(ctx.scale)
+            grad_k = grad_s.transpose(1, 2).bmm(q3).mul_(ctx.scale)
         return tuple(g.view(B, nh, T, hs) for g in (grad_q, grad_k, grad_v)) + (None,)
 
 

@@ -35,8 +35,8 @@ def save_less_for_backward(model: GPT) -> None:
       tensors (probabilities, dropout noise, dropped probabilities) and scaled copies of q, k, v;
       this keeps the probabilities, the dropout mask as bool and q, k, v themselves: 22 MB per
       block less. (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
-    - dropout (every nn.Dropout, LoRA's too -> LeanDropout): the noise is kept as a bool mask,
-      not float32: 2.4 MB per use less.
+    - dropout (every nn.Dropout, LoRA's too -> LeanDropout; a block's two branch outputs ->
+      LeanResidualDropout): the noise is kept as a bool mask, not float32: 2.4 MB per use less.
     - the other linears (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc` -> LeanLinear): F.linear in
       float32; under bfloat16 autocast their products cut as kernels/bf16_products.py cuts them
       (as LeanGeluLinear's are): ~12% of a bfloat16 step of GPT-2 124M at 4 x 256 tokens.
@@ -59,7 +59,8 @@ def save_less_for_backward(model: GPT) -> None:
     for name, module in list(model.named_modules()):
         if type(module) is nn.Dropout:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LeanDropout(module))
+            residual = name.endswith(("attn.resid_dropout", "mlp.dropout"))  # a block's branch output
+            setattr(model.get_submodule(parent), child, (LeanResidualDropout if residual else LeanDropout)(module))
 
 
 def sparse_embedding_gradient(model: GPT) -> None:
@@ -175,6 +176,17 @@ class LeanDropout(nn.Dropout):
                 return MaskDropout.apply(x, self.p)
             if fast_path(x):
                 return bf16_training.BitsDropout.apply(x, self.p)
+        return super().forward(x)
+
+
+class LeanResidualDropout(LeanDropout):
+    """LeanDropout on a block's branch output (`attn.resid_dropout`, `mlp.dropout`), which the
+    block adds to its float32 residual stream: under bfloat16 autocast on CPU the bfloat16 branch
+    comes out float32 (bf16_training.WideningDropout: dropout and the add's conversion in one pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and not self.inplace and fast_path(x) and bf16_training.widens(x):
+            return bf16_training.WideningDropout.apply(x, self.p)
         return super().forward(x)
 
 

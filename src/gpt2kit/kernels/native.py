@@ -85,7 +85,9 @@ LIBRARIES = {
         "gpt2kit_causal_softmax_backward": ([_P, _P, _P, _N, _N, _F, _T], None),
         "gpt2kit_softmax_rows": ([_P, _P, _N, _N, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {
-        "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None)}),
+        "gpt2kit_keep_bits": ([_P, _N, ctypes.c_uint64, ctypes.c_int16, _T], None),
+        "gpt2kit_dropout_widen": ([_P, _P, _N, ctypes.c_uint64, ctypes.c_int16, _F, _T], None),
+        "gpt2kit_dropout_narrow": ([_P, _P, _N, ctypes.c_uint64, ctypes.c_int16, _F, _T], None)}),
     "transpose": Library(("_is_avx512_supported",), (), {
         "gpt2kit_transpose16": ([_P, _P, _N, _N, _N, _T], None)}),
     "grad_norm": Library(("_is_avx512_supported",), (), {

@@ -28,18 +28,7 @@
 typedef struct { float decay, neg_step, correction2; } Coefficients;
 
 static inline __m512 load_grad(const void *g, int bf16, int64_t k, __mmask16 m) {
-    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)g + k);
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)g + k));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-/* float32 -> bfloat16, nearest even: (u + 0x7FFF + bit 16 of u) >> 16; NaN -> 0x7FC0. */
-static inline __m256i round_bf16(__m512 x) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(r);
+    return bf16 ? widen_bf16((const uint16_t *)g + k, m) : _mm512_maskz_loadu_ps(m, (const float *)g + k);
 }
 
 static void chunk_step(float *p, const void *g, int bf16, float *m, float *v, uint16_t *copy, int64_t n,

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "counter_rng.h"
+#include "vector_math.h"
 
 /* out (n int16): -1 where kept, 0 where dropped (counter_rng.h's element i of the stream for
    `seed`). */
@@ -26,6 +27,44 @@ void gpt2kit_keep_bits(int16_t *out, int64_t n, uint64_t seed, int16_t threshold
             _mm512_storeu_si512(out + i * chunk, keep);
         } else {
             _mm512_mask_storeu_epi16(out + i * chunk, (__mmask32)((1ULL << left) - 1), keep);
+        }
+    }
+}
+
+/* Residual dropout in bfloat16 training (bf16_training.py: ResidualDropout), its mask never
+   stored: the mask gpt2kit_keep_bits draws for `seed`, made again from the seed in the backward
+   pass. Forward: out (n float32) = float(x) * scale where kept, 0 where dropped: the branch's
+   output widened for the float32 residual stream it is added to, in one pass where torch took
+   the mask's AND, the scaling and the add's conversion. */
+void gpt2kit_dropout_widen(const uint16_t *x, float *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
+                           int threads) {
+    int64_t vectors = (n + 31) / 32;
+    __m512 s = _mm512_set1_ps(scale);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < vectors; i++) {
+        __mmask32 keep = kept32(seed, i * 8, threshold);
+        for (int h = 0; h < 2; h++) {
+            int64_t at = i * 32 + h * 16;
+            __mmask16 m = first16(n - at), kept = (__mmask16)(keep >> (16 * h));
+            _mm512_mask_storeu_ps(out + at, m, _mm512_maskz_mul_ps(kept, widen_bf16(x + at, m), s));
+        }
+    }
+}
+
+/* Backward: out (n bfloat16) = bfloat16(g * scale) where kept, 0 where dropped, for g (n float32)
+   the residual stream's gradient: one pass where torch took the conversion, the AND and the scaling. */
+void gpt2kit_dropout_narrow(const float *g, uint16_t *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
+                            int threads) {
+    int64_t vectors = (n + 31) / 32;
+    __m512 s = _mm512_set1_ps(scale);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < vectors; i++) {
+        __mmask32 keep = kept32(seed, i * 8, threshold);
+        for (int h = 0; h < 2; h++) {
+            int64_t at = i * 32 + h * 16;
+            __mmask16 m = first16(n - at), kept = (__mmask16)(keep >> (16 * h));
+            __m512 y = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(m, g + at), s);
+            _mm256_mask_storeu_epi16(out + at, m, round_bf16(y));
         }
     }
 }

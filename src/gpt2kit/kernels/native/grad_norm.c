@@ -15,12 +15,10 @@
 
 #define CHUNK 16384
 
-/* 16 elements from k on (lanes past n zero), float32 or bfloat16 (its bits the float32's high half). */
+/* 16 elements from k on (lanes past n zero), float32 or bfloat16. */
 static inline __m512 load16(const void *x, int bf16, int64_t k, int64_t n) {
     __mmask16 m = first16(n - k);
-    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)x + k);
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + k));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    return bf16 ? widen_bf16((const uint16_t *)x + k, m) : _mm512_maskz_loadu_ps(m, (const float *)x + k);
 }
 
 static double chunk_squares(const void *x, int bf16, int64_t n) {

@@ -12,6 +12,21 @@ static inline __mmask16 first16(int64_t n) {
     return n <= 0 ? 0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
+/* 16 bfloat16 values (lanes outside m zero) widened to float32, exactly: their bits the high half. */
+static inline __m512 widen_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* float32 -> bfloat16, nearest even, as Tensor.to(torch.bfloat16) rounds (NaN: 0x7FC0), without
+   AVX512-BF16: (u + 0x7FFF + bit 16 of u) >> 16. */
+static inline __m256i round_bf16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* e^x by range reduction and a polynomial (Cephes' expf, ~1 ulp); below -87 as e^-87; +inf above ~88. */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));

@@ -25,8 +25,7 @@ void gpt2kit_widen_scaled(const uint16_t *x, float *out, int64_t n, float scale,
             int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
             for (int64_t k = b * BLOCK; k < end; k += 16) {
                 __mmask16 m = first16(end - k);
-                __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k));
-                __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), s);
+                __m512 y = _mm512_mul_ps(widen_bf16(x + k, m), s);
                 if (m == 0xFFFF && ((uintptr_t)(out + k) & 63) == 0)
                     _mm512_stream_ps(out + k, y);
                 else
