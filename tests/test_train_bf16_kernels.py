@@ -204,6 +204,30 @@ def test_widening_dropout_is_keep_bits_mask_in_float32(n):
     assert x.grad.dtype == BF16 and torch.equal(x.grad, torch.where(kept, grad * scale, 0.0).to(BF16))
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 768), (3, 5, 40)])  # whole vectors, and a row's tail
+def test_narrowing_layer_norm_is_layer_norm_then_cast(shape):
+    """A block's LayerNorm into bfloat16: torch's float32 LayerNorm rounded to bfloat16 (to a
+    rounding of its float32 value where the two sit on either side of a boundary), gradients
+    those of the float32 LayerNorm for the same bfloat16 output gradient, to float32 rounding."""
+    if not bf16_training.narrows(torch.empty(1)):
+        pytest.skip("no native LayerNorm here (AVX512, a C compiler)")
+    torch.manual_seed(8)
+    C = shape[-1]
+    ours = [(torch.randn(shape) * 3 + 1), torch.randn(C), torch.randn(C)]
+    ours = [t.requires_grad_() for t in ours]
+    plain = [t.detach().clone().requires_grad_() for t in ours]
+    y = bf16_training.NarrowingLayerNorm.apply(*ours, 1e-5)
+    want = F.layer_norm(plain[0], (C,), plain[1], plain[2], 1e-5)
+    assert y.dtype == BF16
+    torch.testing.assert_close(y.float(), want.to(BF16).float(), rtol=2 ** -7, atol=1e-6)
+    assert (y != want.to(BF16)).float().mean() < 1e-3
+    grad = torch.randn(shape).to(BF16)
+    y.backward(grad)
+    want.backward(grad.float())
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("autocast", [True, False])
 def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, autocast):
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=97, dropout=0.1))
@@ -212,6 +236,7 @@ def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, 
     spy(monkeypatch, bf16_training.CausalDropoutAttention, "apply", calls, "bf16 attention")
     spy(monkeypatch, bf16_training.BitsDropout, "apply", calls, "bf16 dropout")
     spy(monkeypatch, bf16_training.WideningDropout, "apply", calls, "bf16 dropout")
+    spy(monkeypatch, bf16_training.NarrowingLayerNorm, "apply", calls, "bf16 layer norm")
     spy(monkeypatch, bf16_training, "gelu", calls, "bf16 gelu")
     spy(monkeypatch, lean_backward.DropoutAttention, "apply", calls, "attention")
     spy(monkeypatch, lean_backward.MaskDropout, "apply", calls, "dropout")
@@ -220,7 +245,8 @@ def test_lean_modules_run_the_bfloat16_kernels_under_autocast_only(monkeypatch, 
         model(x).float().sum().backward()
     kind = "bf16 " if autocast else ""
     # three dropouts: the embeddings', attention's and the MLP's residual branches
-    assert sorted(calls) == sorted([f"{kind}attention"] + [f"{kind}dropout"] * 3 + ["bf16 gelu"] * autocast)
+    assert sorted(calls) == sorted([f"{kind}attention"] + [f"{kind}dropout"] * 3 + ["bf16 gelu"] * autocast
+                                   + ["bf16 layer norm"] * 2 * autocast)  # the block's two
     assert all(p.grad is not None for p in model.parameters())
 
 

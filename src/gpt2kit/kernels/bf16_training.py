@@ -136,6 +136,42 @@ class WideningDropout(torch.autograd.Function):
         return out, None
 
 
+def narrows(x: torch.Tensor) -> bool:
+    """Whether NarrowingLayerNorm takes x: float32 on a CPU with native/layer_norm.c."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and library("layer_norm") is not None
+
+
+class NarrowingLayerNorm(torch.autograd.Function):
+    """layer_norm(x, (C,), weight, bias, eps) of the float32 residual stream, returned in bfloat16
+    for the products after it (lean_backward.LeanLayerNorm): one native pass each way
+    (native/layer_norm.c), where autocast's float32 LayerNorm was followed by a cast to bfloat16
+    and its backward preceded by the cast back. For what `narrows` accepts, with weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        x, C = x.contiguous(), x.shape[-1]
+        M = x.numel() // C
+        y = torch.empty(x.shape, dtype=torch.bfloat16)
+        mean, rstd = torch.empty(M), torch.empty(M)
+        library("layer_norm").gpt2kit_layer_norm_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps,
+                                                      y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), M, C,
+                                                      torch.get_num_threads())
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        dx, dw, db = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        if library("layer_norm").gpt2kit_layer_norm_bf16_backward(
+                grad.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                dw.data_ptr(), db.data_ptr(), mean.numel(), x.shape[-1], torch.get_num_threads()):
+            raise MemoryError("LayerNorm backward: no memory for the per-thread sums")
+        return dx, dw, db, None
+
+
 class CausalDropoutAttention(torch.autograd.Function):
     """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the probabilities, for q, k, v
     (B, nh, T, hs), computed in their dtype (bfloat16 under autocast), keeping the probabilities

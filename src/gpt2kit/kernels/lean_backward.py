@@ -37,6 +37,8 @@ def save_less_for_backward(model: GPT) -> None:
       block less. (Without dropout SDPA's flash kernel already keeps no (T, T) tensor.)
     - dropout (every nn.Dropout, LoRA's too -> LeanDropout; a block's two branch outputs ->
       LeanResidualDropout): the noise is kept as a bool mask, not float32: 2.4 MB per use less.
+    - the blocks' LayerNorms (`ln_1`, `ln_2` -> LeanLayerNorm): nn.LayerNorm in float32; under
+      bfloat16 autocast its output in bfloat16, the cast the products after it made folded in.
     - the other linears (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc` -> LeanLinear): F.linear in
       float32; under bfloat16 autocast their products cut as kernels/bf16_products.py cuts them
       (as LeanGeluLinear's are): ~12% of a bfloat16 step of GPT-2 124M at 4 x 256 tokens.
@@ -46,6 +48,9 @@ def save_less_for_backward(model: GPT) -> None:
     computation; a test checks loss and gradients are bitwise the plain path's.
     """
     for block in model.transformer.h:
+        for name in ("ln_1", "ln_2"):
+            if type(getattr(block, name)) is nn.LayerNorm:
+                setattr(block, name, LeanLayerNorm(getattr(block, name)))
         core = block.attn.core
         if type(core) is ScaledDotProduct:
             block.attn.core = LeanScaledDotProduct(core.p).train(core.training)
@@ -206,6 +211,27 @@ class MaskDropout(torch.autograd.Function):
     def backward(ctx, grad):
         keep, = ctx.saved_tensors
         return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
+
+
+# ---- LayerNorm ------------------------------------------------------------------------------
+
+class LeanLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm holding the replaced one's Parameters (a block's `ln_1`, `ln_2`, whose outputs
+    go to bfloat16 products): training under bfloat16 autocast on CPU, its float32 input comes
+    out bfloat16 (bf16_training.NarrowingLayerNorm: the LayerNorm and autocast's cast in one pass
+    each way); otherwise nn.LayerNorm's float32."""
+
+    def __init__(self, plain: nn.LayerNorm):
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps, self.elementwise_affine = plain.normalized_shape, plain.eps, True
+        self.weight, self.bias = plain.weight, plain.bias
+        self.train(plain.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (fast_path(x) and torch.get_autocast_dtype("cpu") == torch.bfloat16 and self.bias is not None
+                and self.weight is not None and bf16_training.narrows(x)):
+            return bf16_training.NarrowingLayerNorm.apply(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 # ---- MLP ------------------------------------------------------------------------------------

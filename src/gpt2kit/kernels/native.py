@@ -10,7 +10,7 @@ work; a decode step's whole int8 block in one call), `f32_rows.c` (float32, AVX5
 `bf16_tiles.c` (bfloat16 on AMX tiles for any number of rows: ~1.9x oneDNN's packed kernels at
 decode); `argmax.c` takes the greedy choice over a row of logits; `attention.c` does a decode step's cache write and attention of one query per head
 (SDPA's costs ~20 us a layer); `tiles.h` asks Linux for the AMX tiles and configures them.
-Training: `dropout.c` (masks from a counter-based generator, `counter_rng.h`) and `causal_softmax.c`
+Training: `dropout.c` (masks from a counter-based generator, `counter_rng.h`), `layer_norm.c` and `causal_softmax.c`
 (bfloat16 attention's softmax up to the diagonal, with its dropout), `transpose.c` (a bfloat16
 gradient made row-major for its weight-gradient product), `widen.c` (the LM head's bfloat16
 gradient to float32, scaled), `grad_norm.c` and `adamw.c` (the optimizer step, writing the next
@@ -92,6 +92,9 @@ LIBRARIES = {
         "gpt2kit_transpose16": ([_P, _P, _N, _N, _N, _T], None)}),
     "grad_norm": Library(("_is_avx512_supported",), (), {
         "gpt2kit_sum_squares": ([_P, _P, _P, _N, _T], ctypes.c_double)}),
+    "layer_norm": Library(("_is_avx512_supported",), (), {
+        "gpt2kit_layer_norm_bf16": ([_P, _P, _P, _F, _P, _P, _P, _N, _N, _T], None),
+        "gpt2kit_layer_norm_bf16_backward": ([_P] * 8 + [_N, _N, _T], ctypes.c_int)}),
     "widen": Library(("_is_avx512_supported",), (), {
         "gpt2kit_widen_scaled": ([_P, _P, _N, _F, _T], None)}),
     "adamw": Library(("_is_avx512_supported",), (), {

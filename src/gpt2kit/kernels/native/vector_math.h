@@ -56,18 +56,26 @@ static inline __m512 gelu16(__m512 x) {
 }
 
 /* LayerNorm of one row x (K floats) into y: (x - mean) / sqrt(var + eps) * g + b, mean and (biased)
-   variance in float32 over two passes, as torch's CPU kernel computes them (within ~1e-6). */
-static inline void layer_norm_row(const float *x, const float *g, const float *b, float eps, float *y, int64_t K) {
+   variance in float32 over two passes, as torch's CPU kernel computes them (within ~1e-6);
+   row_moments gives the mean and 1 / sqrt(var + eps). */
+static inline void row_moments(const float *x, int64_t K, float eps, float *mean, float *rstd) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(first16(K - k), x + k));
-    __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / (float)K);
+    __m512 mu = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / (float)K);
     acc = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         __mmask16 m = first16(K - k);
-        __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + k), mean);
+        __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + k), mu);
         acc = _mm512_fmadd_ps(d, d, acc);
     }
-    __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)K + eps));
+    *mean = _mm512_cvtss_f32(mu);
+    *rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)K + eps);
+}
+
+static inline void layer_norm_row(const float *x, const float *g, const float *b, float eps, float *y, int64_t K) {
+    float mu, r;
+    row_moments(x, K, eps, &mu, &r);
+    __m512 mean = _mm512_set1_ps(mu), rstd = _mm512_set1_ps(r);
     for (int64_t k = 0; k < K; k += 16) {
         __mmask16 m = first16(K - k);
         __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + k), mean), rstd);
