@@ -16,14 +16,17 @@ import sys
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-KEEP_UP_TO = 2**31 - 1  # bytes free at the heap's top before malloc gives them back (an int)
+# Bytes free at the heap's top before malloc gives them back: -1, never (mallopt(3)). The largest
+# int, 2 GB, was less than a step at 8 x 1024 tokens frees (~9 GB of activations): the seed job's
+# steps re-faulted ~2.5 GB each (~630,000 faults, ~6% of a step).
+KEEP_UP_TO = -1
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults (mallopt(3))
 
 
 @contextlib.contextmanager
 def freed_memory_held(active: bool = True) -> Iterator[bool]:
     """While inside, glibc's malloc serves every size from its heap (no mmap) and keeps freed
-    memory (no trim below 2 GB): peak memory stays resident, paid once. On leaving, glibc's
+    memory (no trim): peak memory stays resident, paid once. On leaving, glibc's
     defaults come back and the free memory goes back to the OS (a Python caller of `finetune`
     keeps its process). Yields whether it was set: not where malloc is not glibc's (macOS,
     musl), or when `active` is False."""
