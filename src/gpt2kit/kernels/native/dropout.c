@@ -31,13 +31,14 @@ void gpt2kit_keep_bits(int16_t *out, int64_t n, uint64_t seed, int16_t threshold
     }
 }
 
-/* Residual dropout in bfloat16 training (bf16_training.py: ResidualDropout), its mask never
+/* Residual dropout in bfloat16 training (bf16_training.py: WideningDropout), its mask never
    stored: the mask gpt2kit_keep_bits draws for `seed`, made again from the seed in the backward
-   pass. Forward: out (n float32) = float(x) * scale where kept, 0 where dropped: the branch's
-   output widened for the float32 residual stream it is added to, in one pass where torch took
-   the mask's AND, the scaling and the add's conversion. */
-void gpt2kit_dropout_widen(const uint16_t *x, float *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
-                           int threads) {
+   pass. One pass either way: widen, bfloat16 x -> float32 out (the forward: the branch's output
+   for the float32 residual stream, where torch took the mask's AND, the scaling and the add's
+   conversion), else float32 x -> bfloat16 out rounded once (the backward, from the stream's
+   gradient); out = x * scale where kept, 0 where dropped. */
+static void dropout_pass(const void *x, void *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
+                         int widen, int threads) {
     int64_t vectors = (n + 31) / 32;
     __m512 s = _mm512_set1_ps(scale);
     #pragma omp parallel for schedule(static) num_threads(threads)
@@ -46,25 +47,22 @@ void gpt2kit_dropout_widen(const uint16_t *x, float *out, int64_t n, uint64_t se
         for (int h = 0; h < 2; h++) {
             int64_t at = i * 32 + h * 16;
             __mmask16 m = first16(n - at), kept = (__mmask16)(keep >> (16 * h));
-            _mm512_mask_storeu_ps(out + at, m, _mm512_maskz_mul_ps(kept, widen_bf16(x + at, m), s));
+            if (widen)
+                _mm512_mask_storeu_ps((float *)out + at, m,
+                                      _mm512_maskz_mul_ps(kept, widen_bf16((const uint16_t *)x + at, m), s));
+            else
+                _mm256_mask_storeu_epi16((uint16_t *)out + at, m,
+                                         round_bf16(_mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(m, (const float *)x + at), s)));
         }
     }
 }
 
-/* Backward: out (n bfloat16) = bfloat16(g * scale) where kept, 0 where dropped, for g (n float32)
-   the residual stream's gradient: one pass where torch took the conversion, the AND and the scaling. */
+void gpt2kit_dropout_widen(const uint16_t *x, float *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
+                           int threads) {
+    dropout_pass(x, out, n, seed, threshold, scale, 1, threads);
+}
+
 void gpt2kit_dropout_narrow(const float *g, uint16_t *out, int64_t n, uint64_t seed, int16_t threshold, float scale,
                             int threads) {
-    int64_t vectors = (n + 31) / 32;
-    __m512 s = _mm512_set1_ps(scale);
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < vectors; i++) {
-        __mmask32 keep = kept32(seed, i * 8, threshold);
-        for (int h = 0; h < 2; h++) {
-            int64_t at = i * 32 + h * 16;
-            __mmask16 m = first16(n - at), kept = (__mmask16)(keep >> (16 * h));
-            __m512 y = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(m, g + at), s);
-            _mm256_mask_storeu_epi16(out + at, m, round_bf16(y));
-        }
-    }
+    dropout_pass(g, out, n, seed, threshold, scale, 0, threads);
 }
