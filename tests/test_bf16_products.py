@@ -67,6 +67,13 @@ def test_a_whole_product_with_bias_is_addmms(M, K, N):
     assert torch.equal(mm(a, w.t(), c), torch.addmm(c, a, w.t()))
 
 
+def test_a_cpu_without_onednn_bfloat16_adds_the_bias_with_addmm(monkeypatch):
+    monkeypatch.setattr(bf16_products, "onednn_bfloat16", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", None)  # would fail if called
+    a, w, c = torch.randn(64, 32).to(BF16), torch.randn(48, 32).to(BF16), torch.randn(48).to(BF16)
+    assert torch.equal(mm(a, w.t(), c), torch.addmm(c, a, w.t()))
+
+
 @pytest.mark.parametrize("frozen, bias", [(False, True), (True, True), (False, False)])
 def test_linear_is_autocasts_linear_under_bfloat16_autocast(two_threads, frozen, bias):
     """Forward and gradients as F.linear's under CPU autocast (the same bfloat16 casts): equal

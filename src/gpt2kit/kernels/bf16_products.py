@@ -16,8 +16,11 @@ threads (elsewhere oneDNN's own partition runs: on one thread every shape ran al
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..runtime import cpu_bfloat16
 from .native import library
 
 MEASURED_THREADS = 2
@@ -61,11 +64,16 @@ def plus_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Ten
     added by oneDNN's linear as it writes the output (the same bits): torch.addmm first copies
     the bias into the whole output for oneDNN to add the product to, a pass more over it (inside
     a 4 x 256 step of GPT-2 124M, c_attn's and c_fc's forward products ~0.3-0.5 ms each)."""
-    if (a.device.type == "cpu" and a.dtype == torch.bfloat16 and b.t().is_contiguous()
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()):  # inductor
-        # lowers this op for constant (inference) weights only
+    if (a.device.type == "cpu" and a.dtype == torch.bfloat16 and b.t().is_contiguous() and onednn_bfloat16()
+            and not torch.compiler.is_compiling()):  # inductor lowers this op for constant weights only
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
     return torch.addmm(bias, a, b)
+
+
+@functools.cache
+def onednn_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 products on this CPU (its linear refuses them where it does not)."""
+    return cpu_bfloat16() is not None
 
 
 def transposed(x: torch.Tensor) -> torch.Tensor:
