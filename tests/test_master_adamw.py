@@ -117,3 +117,9 @@ def test_what_it_does_not_do_is_refused():
     two[1]["betas"] = (0.8, 0.9)
     with pytest.raises(ValueError, match="same betas"):
         MasterAdamW(two, [], **HYPER).step()
+    strided = torch.nn.Parameter(torch.randn(16, 32).t())  # not contiguous
+    strided.grad = torch.ones(strided.shape)
+    optimizer = MasterAdamW(groups(ours + [strided]), [], **HYPER)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        optimizer.step()
+    assert not optimizer.state  # refused before any state moved

@@ -50,8 +50,11 @@ class MasterAdamW(torch.optim.AdamW):
                 loss = closure()
         scale = getattr(self, "grad_scale", None)  # kernels/grad_clip.py's clipping factor, inverted
         hyper = shared(self.param_groups)
-        rows = [self._row(group, p, grad) for group in self.param_groups for p in group["params"]
-                if (grad := self._gradient(p)) is not None]
+        pairs = [(group, p, grad) for group in self.param_groups for p in group["params"]
+                 if (grad := self._gradient(p)) is not None]
+        for _, p, grad in pairs:  # all checked before any state moves
+            check(p, grad)
+        rows = [self._row(group, p, grad) for group, p, grad in pairs]
         if rows:
             self._native_step(rows, hyper, 1.0 if scale is None else float(scale))
         for p, *_ in rows:  # a master without a gradient is not stepped: its copy is as it was
@@ -75,11 +78,6 @@ class MasterAdamW(torch.optim.AdamW):
 
     def _native_step(self, rows: list, hyper: tuple[float, float, float], scale: float) -> None:
         n, (beta1, beta2, eps) = len(rows), hyper
-        for p, grad, *_ in rows:
-            if not (p.is_contiguous() and p.dtype == torch.float32 and p.device.type == "cpu"
-                    and grad.dtype in (torch.float32, torch.bfloat16) and grad.shape == p.shape):
-                raise ValueError(f"MasterAdamW takes float32 CPU parameters, got {p.dtype} {tuple(p.shape)} "
-                                 f"on {p.device} with a {grad.dtype} gradient")
 
         def pointers(column: int):
             return (ctypes.c_void_p * n)(*[0 if r[column] is None else r[column].data_ptr() for r in rows])
@@ -101,6 +99,15 @@ class MasterAdamW(torch.optim.AdamW):
                     half.copy.grad = None
                 else:
                     half.copy.grad.zero_()
+
+
+def check(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """A parameter and gradient the native step takes: contiguous float32 on CPU, a float32 or
+    bfloat16 gradient of its shape."""
+    if not (p.is_contiguous() and p.dtype == torch.float32 and p.device.type == "cpu"
+            and grad.dtype in (torch.float32, torch.bfloat16) and grad.shape == p.shape):
+        raise ValueError(f"MasterAdamW takes contiguous float32 CPU parameters, got {p.dtype} {tuple(p.shape)} "
+                         f"on {p.device} with a {grad.dtype} gradient")
 
 
 def shared(groups: list[dict]) -> tuple[float, float, float]:
