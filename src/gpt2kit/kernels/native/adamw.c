@@ -27,6 +27,15 @@
    correction 1), float(sqrt(bias correction 2)), each computed in double as torch does. */
 typedef struct { float decay, neg_step, correction2; } Coefficients;
 
+/* Software prefetch: with four streams read per thread the hardware prefetchers left bandwidth
+   unused (the native step of GPT-2 124M's parameters on 2 cores: ~82 -> ~70 ms, 512 elements
+   ahead the best of 256-2048). */
+#define AHEAD 512
+
+static inline void prefetch(const void *at, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)at + o, _MM_HINT_T0);
+}
+
 static inline __m512 load_grad(const void *g, int bf16, int64_t k, __mmask16 m) {
     return bf16 ? widen_bf16((const uint16_t *)g + k, m) : _mm512_maskz_loadu_ps(m, (const float *)g + k);
 }
@@ -36,8 +45,15 @@ static void chunk_step(float *p, const void *g, int bf16, float *m, float *v, ui
     /* exp_avg.lerp_(grad, 1 - beta1) as torch's vector path: weight w < 0.5: m + w (g - m), else g + (w - 1)(g - m) */
     int small = lerp < 0.5f;
     __m512 weight = _mm512_set1_ps(small ? lerp : lerp - 1.0f);
+    int64_t size = bf16 ? 2 : 4;  /* a gradient element's bytes */
     for (int64_t k = 0; k < n; k += 16) {
         __mmask16 mask = first16(n - k);
+        if ((k & 63) == 0 && k + AHEAD < n) {  /* each stream's next 64 elements, AHEAD on */
+            prefetch(p + k + AHEAD, 256);
+            prefetch(m + k + AHEAD, 256);
+            prefetch(v + k + AHEAD, 256);
+            prefetch((const char *)g + (k + AHEAD) * size, 64 * size);
+        }
         __m512 param = _mm512_maskz_loadu_ps(mask, p + k), grad = load_grad(g, bf16, k, mask);
         if (scale != 1.0f) {
             grad = _mm512_div_ps(grad, _mm512_set1_ps(scale));
