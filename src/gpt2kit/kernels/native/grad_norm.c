@@ -21,14 +21,24 @@ static inline __m512 load16(const void *x, int bf16, int64_t k, int64_t n) {
     return bf16 ? widen_bf16((const uint16_t *)x + k, m) : _mm512_maskz_loadu_ps(m, (const float *)x + k);
 }
 
+/* Software prefetch, AHEAD elements on: the hardware prefetchers alone read the gradients at
+   ~19 GB/s on 2 cores (GPT-2 124M's ~330 MB: 17-18 -> ~13 ms; 512 to 4,096 ahead ran alike). */
+#define AHEAD 1024
+
+static inline void prefetch(const void *at, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)at + o, _MM_HINT_T0);
+}
+
 static double chunk_squares(const void *x, int bf16, int64_t n) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t k = 0;
-    for (; k + 64 <= n; k += 64)
+    int64_t k = 0, size = bf16 ? 2 : 4;
+    for (; k + 64 <= n; k += 64) {
+        if (k + AHEAD + 64 <= n) prefetch((const char *)x + (k + AHEAD) * size, 64 * size);
         for (int j = 0; j < 4; j++) {
-            __m512 v = load16(x, bf16, k + 16 * j, n);
+            __m512 v = bf16 ? widen_bf16((const uint16_t *)x + k + 16 * j, 0xFFFF) : _mm512_loadu_ps((const float *)x + k + 16 * j);
             acc[j] = _mm512_fmadd_ps(v, v, acc[j]);
         }
+    }
     for (; k < n; k += 16) {
         __m512 v = load16(x, bf16, k, n);
         acc[0] = _mm512_fmadd_ps(v, v, acc[0]);
