@@ -32,10 +32,6 @@ typedef struct { float decay, neg_step, correction2; } Coefficients;
    ahead the best of 256-2048). */
 #define AHEAD 512
 
-static inline void prefetch(const void *at, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)at + o, _MM_HINT_T0);
-}
-
 static inline __m512 load_grad(const void *g, int bf16, int64_t k, __mmask16 m) {
     return bf16 ? widen_bf16((const uint16_t *)g + k, m) : _mm512_maskz_loadu_ps(m, (const float *)g + k);
 }

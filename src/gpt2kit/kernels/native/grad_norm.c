@@ -25,10 +25,6 @@ static inline __m512 load16(const void *x, int bf16, int64_t k, int64_t n) {
    ~19 GB/s on 2 cores (GPT-2 124M's ~330 MB: 17-18 -> ~13 ms; 512 to 4,096 ahead ran alike). */
 #define AHEAD 1024
 
-static inline void prefetch(const void *at, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)at + o, _MM_HINT_T0);
-}
-
 static double chunk_squares(const void *x, int bf16, int64_t n) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t k = 0, size = bf16 ? 2 : 4;

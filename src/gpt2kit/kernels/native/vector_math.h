@@ -12,6 +12,12 @@ static inline __mmask16 first16(int64_t n) {
     return n <= 0 ? 0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
+/* Software prefetch of the cache lines of `bytes` bytes from `at` (for passes reading several
+   streams at once, whose lines the hardware prefetchers fetched too late). */
+static inline void prefetch(const void *at, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)at + o, _MM_HINT_T0);
+}
+
 /* 16 bfloat16 values (lanes outside m zero) widened to float32, exactly: their bits the high half. */
 static inline __m512 widen_bf16(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
