@@ -72,16 +72,37 @@ void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, f
    float32: the fused LM head's loss (kernels/fused_loss.py: softmax_), where torch took a float32
    copy of each block of rows and five more passes over it (~10% of a 4 x 256 training step). */
 void gpt2kit_softmax_rows(uint16_t *z, float *lse, int64_t R, int64_t N, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < R; r++) {
-        uint16_t *row = z + r * N;
-        float top, total = exp_sum(row, N, 1.0f, &top);
-        __m512 mx = _mm512_set1_ps(top), inv = _mm512_set1_ps(1.0f / total);
-        for (int64_t j = 0; j < N; j += 16) {
-            __mmask16 m = first16(N - j);
-            store_bf16(row + j, m, _mm512_mul_ps(exp16(_mm512_sub_ps(load_bf16(row + j, m), mx)), inv));
+    #pragma omp parallel num_threads(threads)
+    {
+        /* each row's exps kept in float32 (N floats: ~200 KB at GPT-2's vocabulary, in L2) for
+           the normalizing pass, so each is computed once */
+        float *e = malloc((size_t)N * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            uint16_t *row = z + r * N;
+            __m512 big = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < N; j += 16) {
+                __mmask16 m = first16(N - j);
+                big = _mm512_mask_max_ps(big, m, big, load_bf16(row + j, m));
+            }
+            float top = _mm512_reduce_max_ps(big);
+            __m512 mx = _mm512_set1_ps(top), sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < N; j += 16) {
+                __mmask16 m = first16(N - j);
+                __m512 x = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load_bf16(row + j, m), mx)));
+                if (e) _mm512_mask_storeu_ps(e + j, m, x);
+                sum = _mm512_add_ps(sum, x);
+            }
+            float total = _mm512_reduce_add_ps(sum);
+            __m512 inv = _mm512_set1_ps(1.0f / total);
+            for (int64_t j = 0; j < N; j += 16) {
+                __mmask16 m = first16(N - j);
+                __m512 x = e ? _mm512_maskz_loadu_ps(m, e + j) : exp16(_mm512_sub_ps(load_bf16(row + j, m), mx));
+                store_bf16(row + j, m, _mm512_mul_ps(x, inv));
+            }
+            lse[r] = logf(total) + top;
         }
-        lse[r] = logf(total) + top;
+        free(e);
     }
 }
 
