@@ -30,8 +30,8 @@ static inline void store_bf16(uint16_t *p, __mmask16 m, __m512 x) {
 }
 
 /* The largest of scale * x[0..n-1] (bfloat16) in *top, and the sum of their exps less it, in
-   float32 (the exps are made again by the caller, cheaper than keeping a float32 row). */
-static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *top) {
+   float32; each exp also stored in e[0..n) unless e is NULL (then the caller makes them again). */
+static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *top, float *e) {
     __m512 big = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < n; j += 16) {
         __mmask16 m = first16(n - j);
@@ -41,7 +41,9 @@ static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *to
     __m512 mx = _mm512_set1_ps(*top), total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         __mmask16 m = first16(n - j);
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(x + j, m), sc), mx))));
+        __m512 v = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(x + j, m), sc), mx)));
+        if (e) _mm512_mask_storeu_ps(e + j, m, v);
+        total = _mm512_add_ps(total, v);
     }
     return _mm512_reduce_add_ps(total);
 }
@@ -52,19 +54,26 @@ static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *to
    elsewhere (not scaled by 1 / (1 - p)). */
 void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, float scale, uint64_t seed,
                             int16_t threshold, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < R; r++) {
-        uint16_t *row = s + r * T;
-        int64_t n = r % T + 1;
-        float top, total = exp_sum(row, n, scale, &top);
-        __m512 mx = _mm512_set1_ps(top), sc = _mm512_set1_ps(scale), inv = _mm512_set1_ps(1.0f / total);
-        for (int64_t j = 0; j < T; j += 16) {
-            __mmask16 live = first16(n - j), all = first16(T - j);
-            __m512 p = _mm512_maskz_mov_ps(live, _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(row + j, live), sc), mx)), inv));
-            store_bf16(row + j, all, p);
-            if (kept)
-                store_bf16(kept + r * T + j, all, _mm512_maskz_mov_ps(live ? kept16(seed, r * T + j, threshold) : 0, p));
+    #pragma omp parallel num_threads(threads)
+    {
+        float *e = malloc((size_t)T * sizeof(float));  /* a row's exps, made once (NULL: twice) */
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            uint16_t *row = s + r * T;
+            int64_t n = r % T + 1;
+            float top, total = exp_sum(row, n, scale, &top, e);
+            __m512 mx = _mm512_set1_ps(top), sc = _mm512_set1_ps(scale), inv = _mm512_set1_ps(1.0f / total);
+            for (int64_t j = 0; j < T; j += 16) {
+                __mmask16 live = first16(n - j), all = first16(T - j);
+                __m512 x = e ? _mm512_maskz_loadu_ps(live, e + j)
+                             : exp16(_mm512_sub_ps(_mm512_mul_ps(load_bf16(row + j, live), sc), mx));
+                __m512 p = _mm512_maskz_mov_ps(live, _mm512_mul_ps(x, inv));
+                store_bf16(row + j, all, p);
+                if (kept)
+                    store_bf16(kept + r * T + j, all, _mm512_maskz_mov_ps(live ? kept16(seed, r * T + j, threshold) : 0, p));
+            }
         }
+        free(e);
     }
 }
 
@@ -74,27 +83,13 @@ void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, f
 void gpt2kit_softmax_rows(uint16_t *z, float *lse, int64_t R, int64_t N, int threads) {
     #pragma omp parallel num_threads(threads)
     {
-        /* each row's exps kept in float32 (N floats: ~200 KB at GPT-2's vocabulary, in L2) for
-           the normalizing pass, so each is computed once */
+        /* a row's exps, made once (~200 KB at GPT-2's vocabulary, in L2; NULL: made twice) */
         float *e = malloc((size_t)N * sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             uint16_t *row = z + r * N;
-            __m512 big = _mm512_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < N; j += 16) {
-                __mmask16 m = first16(N - j);
-                big = _mm512_mask_max_ps(big, m, big, load_bf16(row + j, m));
-            }
-            float top = _mm512_reduce_max_ps(big);
-            __m512 mx = _mm512_set1_ps(top), sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < N; j += 16) {
-                __mmask16 m = first16(N - j);
-                __m512 x = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load_bf16(row + j, m), mx)));
-                if (e) _mm512_mask_storeu_ps(e + j, m, x);
-                sum = _mm512_add_ps(sum, x);
-            }
-            float total = _mm512_reduce_add_ps(sum);
-            __m512 inv = _mm512_set1_ps(1.0f / total);
+            float top, total = exp_sum(row, N, 1.0f, &top, e);
+            __m512 mx = _mm512_set1_ps(top), inv = _mm512_set1_ps(1.0f / total);
             for (int64_t j = 0; j < N; j += 16) {
                 __mmask16 m = first16(N - j);
                 __m512 x = e ? _mm512_maskz_loadu_ps(m, e + j) : exp16(_mm512_sub_ps(load_bf16(row + j, m), mx));
