@@ -145,11 +145,16 @@ def test_native_softmax_draws_keep_bits_mask_inline(T):
     scores = torch.randn(5 * T, T).to(BF16)
     probs, plain, kept = scores.clone(), scores.clone(), torch.empty_like(scores)
     threshold, p = bf16_training.mask_threshold(0.3)
-    kernels.gpt2kit_causal_softmax(probs.data_ptr(), kept.data_ptr(), 5 * T, T, 0.125, 1234, threshold, 2)
-    kernels.gpt2kit_causal_softmax(plain.data_ptr(), None, 5 * T, T, 0.125, 0, 0, 2)
+    kernels.gpt2kit_causal_softmax(probs.data_ptr(), kept.data_ptr(), 5 * T, T, 0.125, 1234, threshold, 1.0, 2)
+    kernels.gpt2kit_causal_softmax(plain.data_ptr(), None, 5 * T, T, 0.125, 0, 0, 1.0, 2)
     keep = torch.empty(scores.shape, dtype=torch.int16)
     dropout.gpt2kit_keep_bits(keep.data_ptr(), keep.numel(), 1234, threshold, 2)
     assert torch.equal(probs, plain) and torch.equal(kept, apply_mask(probs, keep))
+    scaled, scaled_kept = scores.clone(), torch.empty_like(scores)  # kept times dropout's 1 / (1 - p)
+    kernels.gpt2kit_causal_softmax(scaled.data_ptr(), scaled_kept.data_ptr(), 5 * T, T, 0.125, 1234, threshold, 1 / 0.7, 2)
+    assert torch.equal(scaled, probs) and torch.equal(scaled_kept != 0, kept != 0)
+    # scaled before its one rounding to bfloat16: within two roundings of the rounded probability scaled
+    torch.testing.assert_close(scaled_kept.float(), kept.float() / 0.7, rtol=2 ** -7, atol=0)
     causal = torch.ones(T, T, dtype=torch.bool).tril().repeat(5, 1)
     assert 0.25 < 1 - (kept != 0)[causal].float().mean() < 0.35
 

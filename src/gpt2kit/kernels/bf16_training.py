@@ -192,17 +192,18 @@ class CausalDropoutAttention(torch.autograd.Function):
                 probs = torch.bmm(q3, k3.transpose(1, 2))  # (B*nh, T, T)
                 threshold, p = mask_threshold(p)
                 seed = native_seed()  # drawn even for p = 0, as keep_bits does: the generator moves alike
-                mask = torch.empty_like(probs) if p > 0 else None  # the kept probabilities
+                ctx.dropout_scale = kept_scale(p)
+                # the kept probabilities, scaled by 1 / (1 - p) as they are written (none: none dropped)
+                mask = torch.empty_like(probs) if p > 0 else None
                 kernels.gpt2kit_causal_softmax(probs.data_ptr(), None if mask is None else mask.data_ptr(), B * nh * T,
-                                               T, ctx.scale, seed, threshold, torch.get_num_threads())
-                kept = probs if mask is None else mask
+                                               T, ctx.scale, seed, threshold, ctx.dropout_scale, torch.get_num_threads())
+                out = torch.bmm(probs if mask is None else mask, v3)
             else:
                 causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
                 probs = torch.baddbmm(causal, q3, k3.transpose(1, 2), alpha=ctx.scale).softmax(-1)
                 mask, p = keep_bits(probs.shape, p, q.device)
-                kept = apply_mask(probs, mask)
-            ctx.dropout_scale = kept_scale(p)
-            out = torch.bmm(kept, v3).mul_(ctx.dropout_scale)
+                ctx.dropout_scale = kept_scale(p)
+                out = torch.bmm(apply_mask(probs, mask), v3).mul_(ctx.dropout_scale)
         ctx.save_for_backward(q3, k3, v3, probs, mask)
         return out.view(B, nh, T, hs)
 
@@ -216,17 +217,18 @@ class CausalDropoutAttention(torch.autograd.Function):
     def gradients(ctx, grad):
         q3, k3, v3, probs, mask = ctx.saved_tensors
         B, nh, T, hs = grad.shape
-        grad = grad.reshape(B * nh, T, hs).to(probs.dtype) * ctx.dropout_scale
-        if ctx.native is not None:  # mask: the kept probabilities, or None (nothing dropped)
+        grad = grad.reshape(B * nh, T, hs).to(probs.dtype)
+        if ctx.native is not None:  # mask: the kept probabilities times 1 / (1 - p), or None (none dropped)
             grad_v = (probs if mask is None else mask).transpose(1, 2).bmm(grad)
-            grad_s = grad.bmm(v3.transpose(1, 2))
-            # the scores' scale applied to their (T, T) gradient as it is written, not to the two
-            # (T, hs) products after (1/8 for GPT-2's heads of 64: a power of 2, the same bits)
+            grad_s = grad.bmm(v3.transpose(1, 2))  # the kept probabilities' gradient
+            # the probabilities' gradient is 1 / (1 - p) of it where kept: applied with the scores'
+            # scale to their (T, T) gradient as it is written, not to (T, hs) products after
             ctx.native.gpt2kit_causal_softmax_backward(grad_s.data_ptr(), probs.data_ptr(),
                                                        None if mask is None else mask.data_ptr(), B * nh * T, T,
-                                                       ctx.scale, torch.get_num_threads())
+                                                       ctx.scale * ctx.dropout_scale, torch.get_num_threads())
             grad_q, grad_k = grad_s.bmm(k3), grad_s.transpose(1, 2).bmm(q3)
         else:  # mask: keep_bits'
+            grad = grad * ctx.dropout_scale
             grad_v = apply_mask(probs, mask).transpose(1, 2).bmm(grad)
             grad_p = apply_mask(grad.bmm(v3.transpose(1, 2)), mask, inplace=True)
             grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)

@@ -81,7 +81,7 @@ LIBRARIES = {
         "gpt2kit_f32_blocks": ([_P, _N, _P, _P, _P, _P, _N, _N, _N, _P, _P, _N, _N, _N, _T], ctypes.c_int),
         "gpt2kit_f32_step": ([_P, _N] + [_P] * 8 + [_N] * 5 + [_T], ctypes.c_int)}),
     "causal_softmax": Library(("_is_avx512_supported", "_is_avx512_bf16_supported"), ("-mavx512bf16", "-mavx512dq"), {
-        "gpt2kit_causal_softmax": ([_P, _P, _N, _N, _F, ctypes.c_uint64, ctypes.c_int16, _T], None),
+        "gpt2kit_causal_softmax": ([_P, _P, _N, _N, _F, ctypes.c_uint64, ctypes.c_int16, _F, _T], None),
         "gpt2kit_causal_softmax_backward": ([_P, _P, _P, _N, _N, _F, _T], None),
         "gpt2kit_softmax_rows": ([_P, _P, _N, _N, _T], None)}),
     "dropout": Library(("_is_avx512_supported",), ("-mavx512dq",), {

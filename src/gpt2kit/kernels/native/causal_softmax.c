@@ -50,10 +50,11 @@ static inline float exp_sum(const uint16_t *x, int64_t n, float scale, float *to
 
 /* s (R, T) bfloat16 scores of blocks of T rows (row r is query r % T): each row r replaced by
    softmax(scale * s[r, 0..t]) over t = r % T and zeros beyond. If `kept` is not NULL, it (R, T)
-   gets the same probabilities where counter_rng.h's mask for `seed` and `threshold` keeps them, 0
-   elsewhere (not scaled by 1 / (1 - p)). */
+   gets the same probabilities times `kept_scale` (dropout's 1 / (1 - p)) where counter_rng.h's
+   mask for `seed` and `threshold` keeps them, 0 elsewhere. */
 void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, float scale, uint64_t seed,
-                            int16_t threshold, int threads) {
+                            int16_t threshold, float kept_scale, int threads) {
+    __m512 ks = _mm512_set1_ps(kept_scale);
     #pragma omp parallel num_threads(threads)
     {
         float *e = malloc((size_t)T * sizeof(float));  /* a row's exps, made once (NULL: twice) */
@@ -70,7 +71,7 @@ void gpt2kit_causal_softmax(uint16_t *s, uint16_t *kept, int64_t R, int64_t T, f
                 __m512 p = _mm512_maskz_mov_ps(live, _mm512_mul_ps(x, inv));
                 store_bf16(row + j, all, p);
                 if (kept)
-                    store_bf16(kept + r * T + j, all, _mm512_maskz_mov_ps(live ? kept16(seed, r * T + j, threshold) : 0, p));
+                    store_bf16(kept + r * T + j, all, _mm512_maskz_mul_ps(live ? kept16(seed, r * T + j, threshold) : 0, p, ks));
             }
         }
         free(e);
